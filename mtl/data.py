@@ -1,0 +1,211 @@
+"""Read labelled text files (CSV, TSV, JSON, JSON Lines) or a Hub data set, check every row against the config's
+label names, and tokenize with `datasets.map`. Every problem is one `DataError` naming the file, row and value."""
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from .modeling import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used, with where it is and how to fix it."""
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte {error.start}); save the file as UTF-8."
+        ) from None
+
+
+def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if not header or not any(name.strip() for name in header):
+        raise DataError(f"{path}: the file is empty; it needs a header row and at least one data row.")
+    header = [name.strip() for name in header]
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column name(s) {duplicates} in the header; give each column one name.")
+    for fields in reader:
+        if not fields:  # a blank line
+            continue
+        if len(fields) != len(header):
+            raise DataError(
+                f"{path}: line {reader.line_num} has {len(fields)} field(s) but the header has {len(header)} "
+                f"({header}); quote fields that contain the delimiter {delimiter!r}."
+            )
+        yield reader.line_num, dict(zip(header, fields, strict=True))
+
+
+def _read_json_lines(text: str, path: Path) -> Iterator[tuple[int, dict]]:
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {line_number} is not valid JSON ({error.msg}).") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {line_number} is a JSON {type(record).__name__}, not an object.")
+        yield line_number, record
+
+
+def _read_json(text: str, path: Path) -> Iterator[tuple[int, dict]]:
+    """A JSON array of objects (or {"data": [...]}); files that hold one object per line are read as JSON Lines."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _read_json_lines(text, path)
+        return
+    if isinstance(document, dict) and isinstance(document.get("data"), list):
+        document = document["data"]
+    if isinstance(document, dict):  # a single-line JSON Lines file
+        document = [document]
+    if not isinstance(document, list):
+        raise DataError(f"{path}: expected a JSON array of objects or one object per line.")
+    for index, record in enumerate(document, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {index} is a JSON {type(record).__name__}, not an object.")
+        yield index, record
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line or record number, row) from a CSV, TSV, JSON or JSON Lines file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {list(SUPPORTED_EXTENSIONS)}."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file." if not path.exists() else f"{path}: not a file.")
+    text = _decode(path.read_bytes(), path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty.")
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(text, path, "," if suffix == ".csv" else "\t")
+    return _read_json_lines(text, path) if suffix == ".jsonl" else _read_json(text, path)
+
+
+def _label_id(value, labels: list[str], where: str, task: str) -> int:
+    """The id of a label name (or of an in-range integer id); -100 for an empty cell, null or missing key."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return IGNORE_INDEX
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+        return value
+    if isinstance(value, str):
+        name = value.strip()
+        if name in labels:
+            return labels.index(name)
+        matches = [label for label in labels if label.lower() == name.lower()]
+        if matches:
+            raise DataError(f"{where}: {task} label {value!r} has the wrong case; did you mean {matches[0]!r}?")
+    raise DataError(
+        f"{where}: unknown {task} label {value!r}; allowed values are {labels} (or an empty cell for no label)."
+    )
+
+
+def encode_rows(
+    rows: Iterable[tuple[int, dict]], source: str, tasks: dict[str, list[str]], text_column: str = "text"
+) -> dict[str, list]:
+    """Check rows and turn them into columns: the text, and `labels` (one id per task, -100 where unlabelled)."""
+    texts, labels = [], []
+    for number, row in rows:
+        where = f"{source}: row {number}"
+        if text_column not in row:
+            raise DataError(
+                f"{where}: no {text_column!r} column (columns: {sorted(row)}); "
+                "name the text column with --text_column."
+            )
+        text = row[text_column]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: the {text_column!r} value {text!r} is not text.")
+        if not text.strip():
+            raise DataError(f"{where}: the {text_column!r} value is empty; remove the row or give it text.")
+        texts.append(text)
+        labels.append([_label_id(row.get(task), names, where, task) for task, names in tasks.items()])
+    if not texts:
+        raise DataError(f"{source}: no data rows.")
+    return {text_column: texts, "labels": labels}
+
+
+def load_files(paths: str | Path | list, tasks: dict[str, list[str]], text_column: str = "text") -> datasets.Dataset:
+    """One `Dataset` from one or more local files, every row validated; several files are concatenated."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    columns = {text_column: [], "labels": []}
+    for path in paths:
+        encoded = encode_rows(read_records(path), str(path), tasks, text_column)
+        for name, values in columns.items():
+            values.extend(encoded[name])
+    return _to_dataset(columns, tasks, text_column)
+
+
+def load_hub(
+    name: str, split: str, tasks: dict[str, list[str]], text_column: str = "text", config_name: str | None = None
+) -> datasets.Dataset:
+    """A split of a `datasets` Hub data set (needs network), validated like local files; class ids map by position."""
+    dataset = datasets.load_dataset(name, config_name, split=split)
+    rows = ((index, row) for index, row in enumerate(dataset, start=1))
+    return _to_dataset(encode_rows(rows, f"{name}[{split}]", tasks, text_column), tasks, text_column)
+
+
+def _to_dataset(columns: dict[str, list], tasks: dict[str, list[str]], text_column: str) -> datasets.Dataset:
+    features = datasets.Features(
+        {
+            text_column: datasets.Value("string"),
+            "labels": datasets.Sequence(datasets.Value("int64"), length=len(tasks)),
+        }
+    )
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def label_matrix(dataset: datasets.Dataset) -> np.ndarray:
+    """The `labels` column as a (rows, tasks) integer array."""
+    return np.asarray(dataset.with_format("numpy")[:]["labels"], dtype=np.int64).reshape(len(dataset), -1)
+
+
+def labelled_counts(dataset: datasets.Dataset, tasks: dict[str, list[str]]) -> dict[str, int]:
+    """How many rows carry a label, per task."""
+    labels = label_matrix(dataset)
+    return {task: int((labels[:, index] != IGNORE_INDEX).sum()) for index, task in enumerate(tasks)}
+
+
+def require_labels(dataset: datasets.Dataset, tasks: dict[str, list[str]], tasks_to_check: list[str], source: str):
+    """A task that is trained must have at least one labelled training row, or its head would learn nothing."""
+    counts = labelled_counts(dataset, tasks)
+    empty = [task for task in tasks_to_check if counts[task] == 0]
+    if empty:
+        raise DataError(
+            f"{source}: no row has a label for task(s) {empty} (labelled rows per task: {counts}); add a column "
+            f"named after each task, or leave the task out with --tasks, or freeze its head with --freeze."
+        )
+
+
+def tokenize(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int = 128,
+    text_column: str = "text",
+) -> datasets.Dataset:
+    """Token ids truncated to `max_seq_length`, unpadded: the collator pads each batch to its own longest text."""
+
+    def encode(batch):
+        return tokenizer(batch[text_column], truncation=True, max_length=max_seq_length)
+
+    return dataset.map(encode, batched=True, remove_columns=[text_column], desc="Tokenizing")

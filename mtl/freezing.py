@@ -1,0 +1,86 @@
+"""Which parameters train: a freeze spec (`none`, `all`, `encoder`, task names, or a comma-separated mix), and the
+callback that hands the encoder back to the optimizer after N epochs."""
+
+import logging
+
+from torch import nn
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+FREEZE_KEYWORDS = ("none", "all", "encoder")
+
+
+def parse_freeze(spec: str) -> list[str]:
+    """Split `"encoder,sentiment"` into parts; `none` and `all` must stand alone. Task names are checked later,
+    against the model's config, by `apply_freeze`."""
+    parts = [part.strip() for part in str(spec).split(",") if part.strip()]
+    if not parts:
+        raise ValueError("--freeze is empty: use 'none', 'all', 'encoder', a task name, or a comma-separated mix.")
+    if len(parts) > 1 and ({"none", "all"} & set(parts)):
+        raise ValueError(f"--freeze {spec!r}: 'none' and 'all' cannot be combined with other parts.")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"--freeze {spec!r} names a part twice.")
+    return parts
+
+
+def freeze_targets(model: nn.Module, spec: str) -> list[nn.Module]:
+    """The modules a spec freezes, checking each task name against the model's tasks."""
+    parts = parse_freeze(spec)
+    if parts == ["none"]:
+        return []
+    if parts == ["all"]:
+        return [model]
+    allowed = ["none", "all", "encoder", *model.config.task_names]
+    unknown = [part for part in parts if part not in allowed]
+    if unknown:
+        raise ValueError(f"--freeze {spec!r}: unknown part(s) {unknown}; allowed values are {allowed}.")
+    return [model.encoder if part == "encoder" else model.heads[part] for part in parts]
+
+
+def apply_freeze(model: nn.Module, spec: str) -> tuple[int, int]:
+    """Make exactly the parameters that `spec` names untrainable; return (trainable, total) parameter counts."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    for module in freeze_targets(model, spec):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+    trainable, total = count_parameters(model)
+    logger.info(
+        "freeze=%r: %s of %s parameters are trainable (%.1f%%)",
+        spec,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    return trainable, total
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+class UnfreezeEncoderCallback(TrainerCallback):
+    """Fine-tune the whole encoder from epoch `after_epochs` on (the heads settle first on frozen features).
+
+    The Trainer's optimizer only holds parameters that had `requires_grad=True` when it was built, so the trainer
+    builds it with the encoder included (see `MultiTaskTrainer.create_optimizer`); while frozen the encoder gets no
+    gradients and the optimizer leaves it bit-identical.
+    """
+
+    def __init__(self, after_epochs: int):
+        self.after_epochs = after_epochs
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        epochs_done = round(state.epoch or 0.0)
+        encoder = model.encoder
+        if epochs_done >= self.after_epochs and not any(p.requires_grad for p in encoder.parameters()):
+            encoder.requires_grad_(True)
+            trainable, total = count_parameters(model)
+            logger.info(
+                "Epoch %d: encoder unfrozen, %s of %s parameters now trainable",
+                epochs_done,
+                f"{trainable:,}",
+                f"{total:,}",
+            )

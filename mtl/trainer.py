@@ -1,0 +1,132 @@
+"""`MultiTaskTrainer`: the stock Trainer loop with a multi-task loss, per-task logging, freezing and StepLR."""
+
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer
+
+from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
+from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, parse_freeze
+from .metrics import build_compute_metrics
+from .modeling import labels_to_tensor, multitask_loss
+
+logger = logging.getLogger(__name__)
+
+
+class MultiTaskTrainer(Trainer):
+    """Trains a `MultiTaskModel` on the (weighted) sum of its tasks' cross-entropies.
+
+    Freezing follows `args.freeze` and `args.unfreeze_encoder_after_epochs`; each task's training loss is logged
+    beside the total (`loss_category`, ...), and evaluation reports each task's loss and metrics.
+    """
+
+    args: MultiTaskTrainingArguments
+    # compute_loss returns a per-example mean, so the Trainer must divide by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args: MultiTaskTrainingArguments | None = None, **kwargs):
+        if args is None:
+            args = MultiTaskTrainingArguments()
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
+        super().__init__(model=model, args=args, **kwargs)
+        self.task_names = list(model.config.task_names)
+        self.task_weights = self._resolve_task_weights()
+        self._apply_freezing()
+        self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
+        self._task_loss_steps = 0
+
+    def _resolve_task_weights(self) -> list[float]:
+        weights = self.args.task_weights
+        if weights is None:
+            return [1.0] * len(self.task_names)
+        if len(weights) != len(self.task_names):
+            raise ValueError(
+                f"--task_weights has {len(weights)} value(s) but the model has {len(self.task_names)} tasks "
+                f"{self.task_names}: give one weight per task, in that order."
+            )
+        return list(weights)
+
+    def _apply_freezing(self) -> None:
+        spec = getattr(self.args, "freeze", "none")
+        after = getattr(self.args, "unfreeze_encoder_after_epochs", None)
+        if after:
+            parts = [part for part in parse_freeze(spec) if part != "none"]
+            spec = ",".join(parts if "encoder" in parts else [*parts, "encoder"])
+            self.add_callback(UnfreezeEncoderCallback(after))
+        apply_freeze(self.model, spec)
+
+    def train(self, *args, **kwargs):
+        trainable, _ = count_parameters(self.model)
+        if trainable == 0:
+            raise ValueError(
+                f"freeze={self.args.freeze!r} leaves nothing to train: every parameter is frozen. Use "
+                "--freeze none, encoder, or a task name instead."
+            )
+        return super().train(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        # The Trainer hands the optimizer trainable parameters only; an encoder that unfreezes later must be in it
+        # from the start. Frozen, it gets no gradient, and the optimizer leaves parameters without one untouched.
+        scheduled = []
+        if getattr(self.args, "unfreeze_encoder_after_epochs", None):
+            scheduled = [p for p in self.model.encoder.parameters() if not p.requires_grad]
+        for parameter in scheduled:
+            parameter.requires_grad_(True)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            for parameter in scheduled:
+                parameter.requires_grad_(False)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.args.lr_scheduler_type != STEP_SCHEDULER or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        step_size = max(1, round(self.args.lr_step_epochs * self._optimizer_steps_per_epoch(num_training_steps)))
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        gamma = self.args.lr_gamma
+
+        def step_lr(step: int) -> float:
+            # Linear warm-up (if asked for), then StepLR: gamma ** (number of whole step_size periods done).
+            warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            return warm * gamma ** (step // step_size)
+
+        self.lr_scheduler = LambdaLR(optimizer or self.optimizer, step_lr)
+        logger.info("StepLR: learning rate x%s every %d optimizer steps", gamma, step_size)
+        return self.lr_scheduler
+
+    def _optimizer_steps_per_epoch(self, num_training_steps: int) -> int:
+        try:
+            batches = len(self.get_train_dataloader())
+        except TypeError:  # an iterable data set has no length: count the whole run as one epoch
+            return num_training_steps
+        return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Not popped: the Trainer's prediction_step reads the labels from `inputs` again.
+        outputs = model(**{name: value for name, value in inputs.items() if name != "labels"})
+        labels = labels_to_tensor(inputs["labels"], self.task_names)
+        loss, per_task = multitask_loss(
+            outputs.logits,
+            labels,
+            task_weights=self.task_weights,
+            label_smoothing=self.args.label_smoothing_factor,
+        )
+        if model.training:
+            for task, task_loss in zip(self.task_names, per_task, strict=True):
+                self._task_loss_sums[task] += task_loss.detach()
+            self._task_loss_steps += 1
+        outputs.loss = loss
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._task_loss_steps:  # a training log: add each task's mean loss since the last one
+            for task in self.task_names:
+                mean = self.accelerator.gather(self._task_loss_sums[task] / self._task_loss_steps).mean()
+                logs[f"loss_{task}"] = round(mean.item(), 4)
+            self._task_loss_sums.clear()
+            self._task_loss_steps = 0
+        super().log(logs, start_time)

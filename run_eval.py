@@ -1,0 +1,76 @@
+"""Evaluate a trained mtl model on a labelled file: per-task metrics, per-class scores, confusion matrices.
+
+python run_eval.py                                   # outputs/mtl-minilm on data/test.jsonl
+python run_eval.py --model_name_or_path DIR_OR_HUB_ID --test_file FILE --predictions_file preds.jsonl
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from mtl.args import DEFAULT_OUTPUT_DIR
+from mtl.cli import parse_arguments, run, setup_logging
+from mtl.data import label_matrix, load_files
+from mtl.metrics import flat_metrics, format_report, task_reports
+from mtl.pipeline import MultiTaskPipeline
+
+logger = logging.getLogger("run_eval")
+
+
+@dataclass
+class EvalArguments:
+    model_name_or_path: str = field(
+        default=DEFAULT_OUTPUT_DIR, metadata={"help": "A directory written by run_train.py, or a Hub model id."}
+    )
+    test_file: str = field(
+        default="data/test.jsonl",
+        metadata={"help": "Labelled CSV/TSV/JSON/JSON Lines file; tasks it does not label are skipped."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Name of the column holding the text."})
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Where eval_results.json and eval_report.json are written."}
+    )
+    predictions_file: str | None = field(
+        default=None, metadata={"help": "Also write one JSON line per example: each task's label and probability."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Texts are truncated to this many tokens."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
+
+
+def main(argv=None) -> dict:
+    (args,) = parse_arguments(HfArgumentParser(EvalArguments), argv)
+    setup_logging()
+    pipeline = MultiTaskPipeline.from_pretrained(
+        args.model_name_or_path, device=args.device, batch_size=args.batch_size, max_length=args.max_seq_length
+    )
+    tasks = pipeline.tasks
+    dataset = load_files(args.test_file, tasks, args.text_column)  # an unknown label is an error naming it
+    texts = dataset[args.text_column][:]
+    logits = pipeline.predict_logits(texts, progress=True)
+    reports = task_reports(tasks, logits, label_matrix(dataset))
+    if not reports:
+        raise ValueError(f"{args.test_file}: no row has a label for any of the model's tasks {list(tasks)}.")
+
+    for task, report in reports.items():
+        logger.info("\n%s", format_report(task, tasks[task], report))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = {**flat_metrics(reports), **{f"{t}_num_examples": r["num_examples"] for t, r in reports.items()}}
+    (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    named = {task: {**report, "labels": tasks[task]} for task, report in reports.items()}
+    (output_dir / "eval_report.json").write_text(json.dumps(named, indent=2) + "\n")
+    if args.predictions_file:
+        with open(args.predictions_file, "w", encoding="utf-8") as handle:
+            for prediction in pipeline.postprocess(texts, logits):
+                handle.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+    logger.info("Wrote %s", output_dir / "eval_results.json")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

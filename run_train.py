@@ -1,0 +1,109 @@
+"""Fine-tune one shared encoder with one classification head per task.
+
+python run_train.py                                  # all-MiniLM-L6-v2 on data/, written to outputs/mtl-minilm
+python run_train.py --train_file a.csv b.jsonl --freeze encoder --num_train_epochs 3
+python run_train.py config.yaml                      # every option from one JSON/YAML file
+accelerate launch run_train.py ...                   # several processes / GPUs
+"""
+
+import logging
+import sys
+
+from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, set_seed
+
+from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
+from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
+from mtl.cli import parse_arguments, run, setup_logging
+from mtl.data import load_files, load_hub, require_labels, tokenize
+from mtl.freezing import parse_freeze
+from mtl.metrics import format_summary
+from mtl.modeling import is_multitask_checkpoint, resolve_encoder_name
+
+logger = logging.getLogger("run_train")
+
+
+def load_split(data_args: DataArguments, tasks: dict, split: str, files) -> object | None:
+    if data_args.dataset_name:
+        return load_hub(data_args.dataset_name, split, tasks, data_args.text_column, data_args.dataset_config_name)
+    return load_files(files, tasks, data_args.text_column) if files else None
+
+
+def main(argv=None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
+    model_args, data_args, training_args = parse_arguments(parser, argv)
+    # Our progress on the main process only; transformers at its own --log_level (warnings by default).
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    setup_logging(level, library_level=training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    # 1. Tasks and label names come from the model: a saved mtl model's config, or --tasks for a new one.
+    source = resolve_encoder_name(model_args.model_name_or_path)
+    continuing = is_multitask_checkpoint(source)
+    if continuing and model_args.tasks:
+        raise ValueError(f"--tasks cannot change the tasks of the saved mtl model {source!r}; leave it out.")
+    tasks = MultiTaskConfig.from_pretrained(source).tasks if continuing else model_args.parsed_tasks()
+    tasks = tasks or MultiTaskConfig().tasks
+
+    # 2. Read and check every data file before anything is written.
+    train = load_split(data_args, tasks, "train", data_args.train_file)
+    frozen = set(parse_freeze(training_args.freeze))
+    train_source = data_args.dataset_name or ", ".join(data_args.train_file)
+    require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
+    validation = load_split(data_args, tasks, "validation", data_args.validation_file)
+    test = load_split(data_args, tasks, "test", data_args.test_file)
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples:
+        validation, test = (
+            d.select(range(min(data_args.max_eval_samples, len(d)))) if d else d for d in (validation, test)
+        )
+
+    # 3. Model and tokenizer.
+    if continuing:
+        model = MultiTaskModel.from_pretrained(source)
+    else:
+        model = MultiTaskModel.from_encoder(
+            source, tasks=tasks, pooling=model_args.pooling, classifier_dropout=model_args.classifier_dropout
+        )
+    limit = model.config.max_position_embeddings
+    if limit and data_args.max_seq_length > limit:
+        raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with training_args.main_process_first(desc="tokenizing"):
+        train, validation, test = (
+            tokenize(d, tokenizer, data_args.max_seq_length, data_args.text_column) if d else d
+            for d in (train, validation, test)
+        )
+
+    # 4. Train.
+    trainer = MultiTaskTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None),
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume and resume.lower() in ("true", "latest"):  # the newest checkpoint in --output_dir
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+
+    # 5. Evaluate on the validation and test files.
+    metrics = {"train": result.metrics}
+    for name, dataset in (("eval", validation), ("test", test)):
+        if dataset is not None:
+            metrics[name] = trainer.evaluate(dataset, metric_key_prefix=name)
+            trainer.log_metrics(name, metrics[name])
+            trainer.save_metrics(name, metrics[name])
+    if trainer.is_world_process_zero() and "test" in metrics:
+        logger.info("Test results:\n%s", format_summary(tasks, metrics["test"], prefix="test_"))
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

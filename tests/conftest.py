@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny random BERT with a tiny word vocabulary, saved like a Hub encoder, fully offline."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = (
+    "the a new phone app chip code laptop software match team goal coach player win league vote law election "
+    "minister party senate tax great awful good bad love hate boring amazing terrible okay is was it this that "
+    "announced today released played passed and of to in on"
+).split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+
+# Rows a tiny model can learn quickly: the topic word decides the category, the opinion word the sentiment.
+TOPIC_WORDS = {
+    "Tech": ["phone", "app", "chip", "laptop"],
+    "Sports": ["match", "team", "goal", "coach"],
+    "Politics": ["vote", "law", "election", "senate"],
+}
+OPINION_WORDS = {
+    "Positive": ["great", "amazing", "love"],
+    "Negative": ["awful", "terrible", "hate"],
+    "Neutral": ["announced", "released", "today"],
+}
+
+
+def make_rows(n: int = 36) -> list[dict]:
+    rows = []
+    for i in range(n):
+        category = list(TOPIC_WORDS)[i % 3]
+        sentiment = list(OPINION_WORDS)[(i // 3) % 3]
+        topic = TOPIC_WORDS[category][i % 4]
+        opinion = OPINION_WORDS[sentiment][(i // 9) % 3]
+        rows.append({"text": f"the {topic} is {opinion}", "category": category, "sentiment": sentiment})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT and its tokenizer, saved like any pretrained encoder."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}, do_lower_case=True)
+    assert tokenizer.unk_token_id not in tokenizer("the phone is great")["input_ids"]
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_model(tiny_encoder_dir):
+    from mtl import MultiTaskModel
+
+    torch.manual_seed(0)
+    return MultiTaskModel.from_encoder(tiny_encoder_dir)
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_encoder_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_encoder_dir)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """train/validation/test JSON Lines files in the project's format."""
+    rows = make_rows(36)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "validation.jsonl", rows[:12])
+    write_jsonl(tmp_path / "test.jsonl", rows[12:24])
+    return tmp_path
+
+
+@pytest.fixture
+def make_trainer(tmp_path, tiny_tokenizer):
+    """Build a MultiTaskTrainer over the tiny rows; keyword arguments go to MultiTaskTrainingArguments."""
+    from transformers import DataCollatorWithPadding
+
+    from mtl import MultiTaskTrainer, MultiTaskTrainingArguments, load_files, tokenize
+
+    def build(model, rows=None, **overrides):
+        path = write_jsonl(tmp_path / "rows.jsonl", rows or make_rows(16))
+        dataset = tokenize(load_files(path, model.config.tasks), tiny_tokenizer, 32)
+        settings = {
+            "output_dir": str(tmp_path / "out"),
+            "per_device_train_batch_size": 8,
+            "num_train_epochs": 1,
+            "learning_rate": 1e-2,
+            "save_strategy": "no",
+            "eval_strategy": "no",
+            "logging_steps": 1,
+            "disable_tqdm": True,
+            "use_cpu": True,
+            "seed": 0,
+            **overrides,
+        }
+        return MultiTaskTrainer(
+            model=model,
+            args=MultiTaskTrainingArguments(**settings),
+            train_dataset=dataset,
+            eval_dataset=dataset,
+            processing_class=tiny_tokenizer,
+            data_collator=DataCollatorWithPadding(tiny_tokenizer),
+        )
+
+    return build

@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import yaml
+from transformers import HfArgumentParser
+
+from mtl import DataArguments, ModelArguments, MultiTaskTrainingArguments
+from mtl.cli import parse_arguments
+
+FLAGS = [
+    "--model_name_or_path",
+    "some/encoder",
+    "--train_file",
+    "a.csv",
+    "b.jsonl",
+    "--max_seq_length",
+    "64",
+    "--output_dir",
+    "out",
+    "--freeze",
+    "encoder,sentiment",
+    "--task_weights",
+    "1.0",
+    "0.5",
+    "--learning_rate",
+    "3e-5",
+    "--lr_gamma",
+    "0.5",
+    "--num_train_epochs",
+    "2",
+    "--seed",
+    "7",
+]
+AS_DICT = {
+    "model_name_or_path": "some/encoder",
+    "train_file": ["a.csv", "b.jsonl"],
+    "max_seq_length": 64,
+    "output_dir": "out",
+    "freeze": "encoder,sentiment",
+    "task_weights": [1.0, 0.5],
+    "learning_rate": 3e-5,
+    "lr_gamma": 0.5,
+    "num_train_epochs": 2,
+    "seed": 7,
+}
+
+
+def parser():
+    return HfArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
+
+
+def comparable(parsed):
+    model_args, data_args, training_args = parsed
+    return vars(model_args), vars(data_args), training_args.to_dict()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_config_file_gives_the_same_arguments_as_flags(tmp_path, suffix):
+    path = tmp_path / f"config{suffix}"
+    path.write_text(json.dumps(AS_DICT) if suffix == ".json" else yaml.safe_dump(AS_DICT))
+    from_flags = comparable(parse_arguments(parser(), FLAGS))
+    from_file = comparable(parse_arguments(parser(), [str(path)]))
+    assert from_file == from_flags
+    assert from_flags[1]["train_file"] == ["a.csv", "b.jsonl"]
+    assert from_flags[2]["task_weights"] == [1.0, 0.5]
+
+
+def test_defaults_train_minilm_on_the_default_data():
+    model_args, data_args, training_args = parse_arguments(parser(), [])
+    assert model_args.model_name_or_path is None  # the packaged all-MiniLM-L6-v2
+    assert data_args.train_file == ["data/train.jsonl"]
+    assert data_args.validation_file == "data/validation.jsonl"
+    assert data_args.max_seq_length == 128
+    assert training_args.output_dir == "outputs/mtl-minilm"
+    assert training_args.eval_strategy == "epoch"
+
+
+def test_every_option_has_help():
+    for action in parser()._actions:
+        if action.dest != "help":
+            assert action.help, f"--{action.dest} has no help text"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr_gamma": 0.0}, "lr_gamma"),
+        ({"lr_step_epochs": -1.0}, "lr_step_epochs"),
+        ({"freeze": "none,encoder"}, "freeze"),
+        ({"unfreeze_encoder_after_epochs": 0}, "unfreeze_encoder_after_epochs"),
+        ({"unfreeze_encoder_after_epochs": 1, "freeze": "all"}, "cannot be combined"),
+    ],
+)
+def test_invalid_training_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MultiTaskTrainingArguments(output_dir="unused", **overrides)
+
+
+def test_tasks_from_json_text_and_files(tmp_path):
+    tasks = {"topic": ["World", "Sports"], "tone": ["calm", "angry", "sad"]}
+    assert ModelArguments(tasks=json.dumps(tasks)).parsed_tasks() == tasks
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump(tasks, sort_keys=False))
+    assert list(ModelArguments(tasks=str(path)).parsed_tasks().items()) == list(tasks.items())
+    with pytest.raises(FileNotFoundError, match="neither a JSON mapping nor an existing file"):
+        ModelArguments(tasks="missing.yaml").parsed_tasks()
+    with pytest.raises(ValueError, match="at least 2"):
+        ModelArguments(tasks='{"topic": ["one"]}').parsed_tasks()

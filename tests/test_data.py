@@ -1,0 +1,124 @@
+import json
+
+import pytest
+
+from mtl import DEFAULT_TASKS, DataError, load_files, tokenize
+from mtl.data import IGNORE_INDEX, label_matrix, require_labels
+
+TASKS = DEFAULT_TASKS
+
+
+def write(tmp_path, name: str, content: str | bytes):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+def test_all_formats_give_the_same_rows(tmp_path):
+    rows = [
+        {"text": "New chip, great speed", "category": "Tech", "sentiment": "Positive"},
+        {"text": "The vote is on Monday", "category": "Politics", "sentiment": "Neutral"},
+    ]
+    csv_text = "text,category,sentiment\n" + "".join(f'"{r["text"]}",{r["category"]},{r["sentiment"]}\n' for r in rows)
+    tsv_text = "text\tcategory\tsentiment\n" + "".join(
+        f"{r['text']}\t{r['category']}\t{r['sentiment']}\n" for r in rows
+    )
+    files = [
+        write(tmp_path, "a.csv", csv_text),
+        write(tmp_path, "a.tsv", tsv_text),
+        write(tmp_path, "a.json", json.dumps(rows)),
+        write(tmp_path, "b.json", json.dumps({"data": rows})),
+        write(tmp_path, "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
+    ]
+    for path in files:
+        dataset = load_files(path, TASKS)
+        assert dataset["text"][:] == [r["text"] for r in rows], path
+        assert label_matrix(dataset).tolist() == [[0, 0], [2, 2]], path
+
+
+def test_missing_labels_become_ignore_index(tmp_path):
+    path = write(
+        tmp_path,
+        "partial.jsonl",
+        '{"text": "goal!", "category": "Sports"}\n'
+        '{"text": "so sad", "category": null, "sentiment": "Negative"}\n'
+        '{"text": "hm", "category": "", "sentiment": "Neutral"}\n',
+    )
+    assert label_matrix(load_files(path, TASKS)).tolist() == [[1, IGNORE_INDEX], [IGNORE_INDEX, 1], [IGNORE_INDEX, 2]]
+    csv = write(tmp_path, "partial.csv", "text,category,sentiment\ngoal!,Sports,\nso sad,,Negative\n")
+    assert label_matrix(load_files(csv, TASKS)).tolist() == [[1, IGNORE_INDEX], [IGNORE_INDEX, 1]]
+
+
+def test_several_files_are_combined(tmp_path):
+    topic = write(tmp_path, "topic.csv", "text,category\nnew laptop,Tech\nfinal score,Sports\n")
+    sentiment = write(tmp_path, "sentiment.jsonl", '{"text": "awful", "sentiment": "Negative"}\n')
+    dataset = load_files([topic, sentiment], TASKS)
+    assert len(dataset) == 3
+    assert label_matrix(dataset).tolist() == [[0, IGNORE_INDEX], [1, IGNORE_INDEX], [IGNORE_INDEX, 1]]
+
+
+def test_integer_label_ids_are_accepted(tmp_path):
+    path = write(tmp_path, "ids.jsonl", '{"text": "x y", "category": 2, "sentiment": 0}\n')
+    assert label_matrix(load_files(path, TASKS)).tolist() == [[2, 0]]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "bad.jsonl",
+            '{"text": "ok", "category": "Tech"}\n{"text": "broken"\n',
+            r"bad.jsonl: line 2 is not valid JSON",
+        ),
+        (
+            "label.jsonl",
+            '{"text": "ok", "category": "Science"}\n',
+            r"row 1: unknown category label 'Science'; allowed "
+            r"values are \['Tech', 'Sports', 'Politics'\]",
+        ),
+        ("case.jsonl", '{"text": "ok", "sentiment": "positive"}\n', r"wrong case; did you mean 'Positive'\?"),
+        (
+            "notext.csv",
+            "sentence,category\nhello,Tech\n",
+            r"row 2: no 'text' column \(columns: \['category', 'sentence'\]\)",
+        ),
+        ("empty_text.jsonl", '{"text": "   ", "category": "Tech"}\n', r"row 1: the 'text' value is empty"),
+        ("number_text.jsonl", '{"text": 42, "category": "Tech"}\n', r"row 1: the 'text' value 42 is not text"),
+        (
+            "ragged.csv",
+            "text,category\nhello,Tech\nhi,Tech,extra\n",
+            r"ragged.csv: line 3 has 3 field\(s\) but the header has 2",
+        ),
+        ("dupes.csv", "text,category,category\nhello,Tech,Tech\n", r"duplicate column name\(s\) \['category'\]"),
+        ("empty.jsonl", "\n\n", r"empty.jsonl: the file is empty"),
+        ("latin1.jsonl", b'{"text": "caf\xe9", "category": "Tech"}\n', r"line 1 is not valid UTF-8"),
+        ("array.jsonl", "[1, 2]\n", r"line 1 is a JSON list, not an object"),
+        ("data.parquet", "x", r"unsupported file type '.parquet'"),
+    ],
+)
+def test_bad_input_names_file_row_and_value(tmp_path, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError, match=message):
+        load_files(path, TASKS)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: no such file"):
+        load_files(tmp_path / "nope.jsonl", TASKS)
+
+
+def test_a_task_without_any_label_is_refused(tmp_path):
+    dataset = load_files(write(tmp_path, "t.csv", "text,category\nhello,Tech\n"), TASKS)
+    with pytest.raises(DataError, match=r"no row has a label for task\(s\) \['sentiment'\]"):
+        require_labels(dataset, TASKS, ["category", "sentiment"], "training data")
+    require_labels(dataset, TASKS, ["category"], "training data")  # a frozen task need not be labelled
+
+
+def test_tokenize_truncates_and_does_not_pad(tmp_path, tiny_tokenizer):
+    long_text = " ".join(["phone"] * 100)
+    path = write(tmp_path, "t.jsonl", json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "the app"}) + "\n")
+    dataset = tokenize(load_files(path, TASKS), tiny_tokenizer, max_seq_length=16)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    assert lengths == [16, 4]  # [CLS] the app [SEP]: no padding
+    assert "text" not in dataset.column_names
+    assert set(dataset.column_names) >= {"input_ids", "attention_mask", "labels"}

@@ -1,0 +1,96 @@
+import logging
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from mtl.freezing import apply_freeze, parse_freeze
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def unchanged(module, before) -> bool:
+    return all(torch.equal(p, before[name]) for name, p in module.named_parameters())
+
+
+def changed(module, before) -> bool:
+    return any(not torch.equal(p, before[name]) for name, p in module.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("spec", "frozen"),
+    [
+        ("none", []),
+        ("encoder", ["encoder"]),
+        ("sentiment", ["sentiment"]),
+        ("category", ["category"]),
+        ("encoder,sentiment", ["encoder", "sentiment"]),
+    ],
+)
+def test_freeze_modes_keep_exactly_the_frozen_parts(tiny_model, make_trainer, spec, frozen):
+    parts = {"encoder": tiny_model.encoder, **tiny_model.heads}
+    before = {name: snapshot(module) for name, module in parts.items()}
+    trainer = make_trainer(tiny_model, freeze=spec, num_train_epochs=2)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    for name, module in parts.items():
+        if name in frozen:
+            assert unchanged(module, before[name]), f"{name} changed under freeze={spec}"
+        else:
+            assert changed(module, before[name]), f"{name} did not train under freeze={spec}"
+
+
+def test_freeze_all_stops_before_the_first_step(tiny_model, make_trainer):
+    before = snapshot(tiny_model)
+    trainer = make_trainer(tiny_model, freeze="all")
+    with pytest.raises(ValueError, match="nothing to train"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert unchanged(tiny_model, before)
+
+
+def test_unknown_freeze_part_lists_allowed_values(tiny_model, make_trainer):
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['colour'\].*'encoder', 'category', 'sentiment'"):
+        make_trainer(tiny_model, freeze="encoder,colour")
+
+
+@pytest.mark.parametrize("spec", ["", "none,encoder", "all,sentiment", "encoder,encoder"])
+def test_malformed_freeze_specs(spec):
+    with pytest.raises(ValueError, match="freeze"):
+        parse_freeze(spec)
+
+
+def test_trainable_parameter_count_is_logged(tiny_model, caplog):
+    with caplog.at_level(logging.INFO, logger="mtl.freezing"):
+        trainable, total = apply_freeze(tiny_model, "encoder")
+    head_parameters = sum(p.numel() for p in tiny_model.heads.parameters())
+    assert trainable == head_parameters
+    assert total == sum(p.numel() for p in tiny_model.parameters())
+    assert f"{trainable:,} of {total:,} parameters are trainable" in caplog.text
+
+
+class EncoderAtEpochEnd(TrainerCallback):
+    def __init__(self):
+        self.snapshots = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.snapshots.append(snapshot(model.encoder))
+
+
+def test_gradual_unfreezing_trains_the_encoder_after_n_epochs(tiny_model, make_trainer):
+    initial_encoder = snapshot(tiny_model.encoder)
+    initial_heads = snapshot(tiny_model.heads)
+    recorder = EncoderAtEpochEnd()
+    trainer = make_trainer(tiny_model, unfreeze_encoder_after_epochs=2, num_train_epochs=4)
+    trainer.add_callback(recorder)
+    trainer.train()
+    epoch1, epoch2, epoch3, epoch4 = recorder.snapshots
+    for frozen_epoch in (epoch1, epoch2):
+        assert all(torch.equal(frozen_epoch[n], initial_encoder[n]) for n in initial_encoder)
+    assert any(not torch.equal(epoch3[n], epoch2[n]) for n in initial_encoder)  # really trained after the switch
+    assert any(not torch.equal(epoch4[n], epoch3[n]) for n in initial_encoder)
+    assert changed(tiny_model.heads, initial_heads)
+    optimizer_parameters = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimizer_parameters for p in tiny_model.encoder.parameters())

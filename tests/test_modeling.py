@@ -1,0 +1,136 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel
+
+from mtl import MultiTaskConfig, MultiTaskModel
+from mtl.modeling import IGNORE_INDEX, multitask_loss, task_cross_entropy
+
+
+def batch(tokenizer, texts=("the phone is great", "the match was awful today", "vote")):
+    return tokenizer(list(texts), padding=True, return_tensors="pt")
+
+
+def test_output_shapes_follow_the_tasks(tiny_encoder_dir, tiny_tokenizer):
+    tasks = {"topic": ["a", "b", "c", "d"], "polarity": ["pos", "neg"], "spam": ["no", "yes"]}
+    model = MultiTaskModel.from_encoder(tiny_encoder_dir, tasks=tasks).eval()
+    output = model(**batch(tiny_tokenizer), output_pooled=True)
+    assert [tuple(logits.shape) for logits in output.logits] == [(3, 4), (3, 2), (3, 2)]
+    assert output.pooled_output.shape == (3, 32)
+    assert output.loss is None
+    assert list(model.heads) == list(tasks)
+
+
+def test_single_task_model(tiny_encoder_dir, tiny_tokenizer):
+    model = MultiTaskModel.from_encoder(tiny_encoder_dir, tasks={"only": ["x", "y", "z"]})
+    output = model(**batch(tiny_tokenizer), labels=torch.tensor([[0], [2], [1]]))
+    assert len(output.logits) == 1 and output.logits[0].shape == (3, 3)
+    assert torch.isfinite(output.loss)
+
+
+def test_loss_is_the_sum_of_per_task_cross_entropies(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    labels = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    output = tiny_model(**batch(tiny_tokenizer), labels=labels)
+    expected = F.cross_entropy(output.logits[0], labels[:, 0]) + F.cross_entropy(output.logits[1], labels[:, 1])
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_weighted_loss_with_missing_labels(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    logits = tiny_model(**batch(tiny_tokenizer)).logits
+    labels = torch.tensor([[0, IGNORE_INDEX], [IGNORE_INDEX, 0], [1, 2]])
+    total, per_task = multitask_loss(logits, labels, task_weights=[0.25, 2.0])
+    category = F.cross_entropy(logits[0][[0, 2]], labels[[0, 2], 0])  # rows labelled for category
+    sentiment = F.cross_entropy(logits[1][[1, 2]], labels[[1, 2], 1])
+    torch.testing.assert_close(per_task[0], category)
+    torch.testing.assert_close(per_task[1], sentiment)
+    torch.testing.assert_close(total, 0.25 * category + 2.0 * sentiment)
+
+
+def test_task_without_labels_in_batch_contributes_zero_not_nan(tiny_model, tiny_tokenizer):
+    labels = torch.tensor([[0, IGNORE_INDEX], [1, IGNORE_INDEX], [2, IGNORE_INDEX]])
+    output = tiny_model(**batch(tiny_tokenizer), labels=labels)
+    only_category = F.cross_entropy(output.logits[0], labels[:, 0])
+    torch.testing.assert_close(output.loss, only_category)
+    output.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+    assert torch.count_nonzero(tiny_model.heads["sentiment"].weight.grad) == 0
+
+
+def test_labels_as_a_mapping_leave_out_tasks(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    inputs = batch(tiny_tokenizer)
+    as_dict = tiny_model(**inputs, labels={"sentiment": torch.tensor([0, 1, 2])}).loss
+    as_tensor = tiny_model(**inputs, labels=torch.tensor([[IGNORE_INDEX, 0], [IGNORE_INDEX, 1], [IGNORE_INDEX, 2]]))
+    torch.testing.assert_close(as_dict, as_tensor.loss)
+    with pytest.raises(ValueError, match="unknown task"):
+        tiny_model(**inputs, labels={"colour": torch.tensor([0, 1, 2])})
+    with pytest.raises(ValueError, match="shape"):
+        tiny_model(**inputs, labels=torch.tensor([0, 1, 2]))
+
+
+def test_class_weights_and_label_smoothing_match_torch():
+    logits = torch.randn(5, 3)
+    labels = torch.tensor([0, 2, IGNORE_INDEX, 1, 2])
+    weights = torch.tensor([1.0, 3.0, 0.5])
+    expected = F.cross_entropy(logits, labels, weight=weights, label_smoothing=0.1)
+    torch.testing.assert_close(task_cross_entropy(logits, labels, weights, 0.1), expected)
+
+
+def test_mean_and_cls_pooling(tiny_encoder_dir, tiny_tokenizer):
+    inputs = batch(tiny_tokenizer)
+    mean_model = MultiTaskModel.from_encoder(tiny_encoder_dir).eval()
+    hidden = mean_model.encoder(**inputs).last_hidden_state
+    pooled = mean_model(**inputs, output_pooled=True).pooled_output
+    mask = inputs["attention_mask"]
+    for row in range(3):
+        torch.testing.assert_close(pooled[row], hidden[row, mask[row].bool()].mean(dim=0))
+    cls_model = MultiTaskModel.from_encoder(tiny_encoder_dir, pooling="cls").eval()
+    torch.testing.assert_close(cls_model(**inputs, output_pooled=True).pooled_output, hidden[:, 0])
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_encoder_dir, tiny_tokenizer):
+    tasks = {"topic": ["World", "Sports", "Business", "Tech"], "tone": ["calm", "angry"]}
+    model = MultiTaskModel.from_encoder(tiny_encoder_dir, tasks=tasks, pooling="cls").eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = MultiTaskModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.tasks == tasks
+    assert list(loaded.config.tasks) == ["topic", "tone"]  # order kept
+    assert loaded.config.pooling == "cls"
+    inputs = batch(tiny_tokenizer)
+    with torch.no_grad():
+        for before, after in zip(model(**inputs).logits, loaded(**inputs).logits, strict=True):
+            assert torch.equal(before, after)
+
+
+def test_auto_classes_load_a_saved_model(tmp_path, tiny_model, tiny_tokenizer):
+    tiny_model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "mtl"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, MultiTaskModel)
+    inputs = batch(tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.equal(tiny_model.eval()(**inputs).logits[1], loaded.eval()(**inputs).logits[1])
+
+
+def test_config_rebuilds_the_encoder_without_its_source(tiny_model):
+    config = MultiTaskConfig.from_dict(tiny_model.config.to_dict())
+    rebuilt = MultiTaskModel(config)
+    assert rebuilt.encoder.config.hidden_size == 32
+    assert rebuilt.encoder.config.num_hidden_layers == 2
+    assert {name for name, _ in rebuilt.named_parameters()} == {name for name, _ in tiny_model.named_parameters()}
+
+
+def test_fresh_heads_are_initialised_from_the_encoder_range(tiny_model):
+    for head in tiny_model.heads.values():
+        assert torch.count_nonzero(head.bias) == 0
+        assert 0.005 < head.weight.std().item() < 0.05  # normal(0, 0.02)
+
+
+def test_encoder_weights_come_from_the_checkpoint(tiny_encoder_dir, tiny_model):
+    reference = AutoModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False)
+    for name, parameter in reference.state_dict().items():
+        assert torch.equal(tiny_model.encoder.state_dict()[name], parameter), name

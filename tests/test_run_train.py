@@ -1,0 +1,201 @@
+"""End to end: run_train.main and run_eval.main on a tiny model, and the CLIs' handling of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_eval
+import run_train
+from mtl.cli import run
+from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_flags(encoder, data_dir, output_dir, *extra):
+    return [
+        "--model_name_or_path",
+        str(encoder),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--validation_file",
+        str(data_dir / "validation.jsonl"),
+        "--test_file",
+        str(data_dir / "test.jsonl"),
+        "--output_dir",
+        str(output_dir),
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "3e-3",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--max_seq_length",
+        "32",
+        *extra,
+    ]
+
+
+def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
+    output = tmp_path / "model"
+    metrics = run_train.main(train_flags(tiny_encoder_dir, data_dir, output))
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_results.json",
+        "eval_results.json",
+        "test_results.json",
+        "trainer_state.json",
+    ):
+        assert (output / name).is_file(), name
+    evaluation = json.loads((output / "eval_results.json").read_text())
+    for task in ("category", "sentiment"):
+        assert 0.0 <= evaluation[f"eval_{task}_accuracy"] <= 1.0
+        assert evaluation[f"eval_loss_{task}"] > 0
+    assert metrics["eval"]["eval_loss"] == pytest.approx(evaluation["eval_loss"])
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 10  # 36 rows / 8 = 5 steps per epoch, 2 epochs
+    assert any("loss_category" in entry and "loss_sentiment" in entry for entry in state["log_history"])
+    assert sum("eval_category_accuracy" in entry for entry in state["log_history"]) == 2  # one per epoch
+
+    predictions = tmp_path / "predictions.jsonl"
+    results = run_eval.main(
+        [
+            "--model_name_or_path",
+            str(output),
+            "--test_file",
+            str(data_dir / "test.jsonl"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--predictions_file",
+            str(predictions),
+        ]
+    )
+    written = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert written == results
+    assert set(written) >= {
+        f"{t}_{m}" for t in ("category", "sentiment") for m in ("accuracy", "macro_f1", "macro_recall")
+    }
+    # run_eval and the Trainer's evaluation agree on the same file and model
+    assert written["category_accuracy"] == pytest.approx(metrics["test"]["test_category_accuracy"])
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["sentiment"]["labels"] == ["Positive", "Negative", "Neutral"]
+    assert sum(map(sum, report["category"]["confusion_matrix"])) == 12
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(lines) == 12
+    assert lines[0]["category"] in ("Tech", "Sports", "Politics") and 0 < lines[0]["category_score"] <= 1
+
+
+def test_partial_test_file_is_evaluated_on_its_tasks(tmp_path, tiny_encoder_dir, data_dir):
+    output = tmp_path / "model"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1"))
+    topic_only = write_jsonl(tmp_path / "topic.jsonl", [{"text": "the vote", "category": "Politics"}])
+    results = run_eval.main(
+        ["--model_name_or_path", str(output), "--test_file", str(topic_only), "--output_dir", str(tmp_path / "eval")]
+    )
+    assert "category_accuracy" in results and "sentiment_accuracy" not in results
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, tiny_encoder_dir, data_dir):
+    full = tmp_path / "full"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, full, "--save_strategy", "epoch", "--seed", "3"))
+    resumed = tmp_path / "resumed"
+    run_train.main(
+        train_flags(
+            tiny_encoder_dir,
+            data_dir,
+            resumed,
+            "--save_strategy",
+            "epoch",
+            "--seed",
+            "3",
+            "--resume_from_checkpoint",
+            str(full / "checkpoint-5"),
+        )
+    )
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    assert state["global_step"] == 10
+    assert not any(entry.get("epoch", 2) < 1 and "loss" in entry for entry in state["log_history"])  # no redo
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_refuses_to_overwrite_a_trained_model(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    output = tmp_path / "model"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1"))
+    before = (output / "model.safetensors").read_bytes()
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, output)) == 1
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert (output / "model.safetensors").read_bytes() == before
+    run_train.main(
+        train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1", "--overwrite_output_dir")
+    )
+
+
+BAD_TRAINING_FILES = [
+    ('{"text": "x", "category": "Science", "sentiment": "Positive"}\n', "unknown category label 'Science'"),
+    ('{"sentence": "x", "category": "Tech"}\n', "no 'text' column"),
+    ('{"text": "", "category": "Tech", "sentiment": "Positive"}\n', "'text' value is empty"),
+    ('{"text": "x", "category": "Tech"}\n{"text": \n', "line 2 is not valid JSON"),
+    ('{"text": "x", "category": "Tech"}\n', "no row has a label for task(s) ['sentiment']"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_TRAINING_FILES)
+def test_bad_training_data_is_one_clear_error(tmp_path, tiny_encoder_dir, data_dir, capsys, content, message):
+    (data_dir / "train.jsonl").write_text(content)
+    output = tmp_path / "never-written"
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, output)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "train.jsonl" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not output.exists()  # nothing half-written
+
+
+def test_missing_training_file(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    (data_dir / "train.jsonl").unlink()
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, tmp_path / "out")) == 1
+    assert "train.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_eval_refuses_labels_the_model_does_not_know(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    output = tmp_path / "model"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "the vote", "category": "Weather"}])
+    argv = ["--model_name_or_path", str(output), "--test_file", str(bad), "--output_dir", str(tmp_path / "eval")]
+    assert run(run_eval.main, argv) == 1
+    err = capsys.readouterr().err
+    assert "unknown category label 'Weather'" in err and "'Tech', 'Sports', 'Politics'" in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_cli_exit_code_and_no_traceback(tmp_path, data_dir):
+    (data_dir / "train.jsonl").write_text('{"text": "x", "category": "Tech", "sentiment": "happy"}\n')
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "run_train.py",
+            "--train_file",
+            str(data_dir / "train.jsonl"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1
+    assert "unknown sentiment label 'happy'" in completed.stderr
+    assert "Traceback" not in completed.stderr

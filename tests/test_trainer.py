@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from mtl import MultiTaskTrainingArguments
+from tests.conftest import make_rows
+
+
+def step_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_per_task_losses_are_logged_and_sum_to_the_total(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, num_train_epochs=2)
+    trainer.train()
+    logs = step_logs(trainer)
+    assert len(logs) == 4
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(entry["loss_category"] + entry["loss_sentiment"], abs=2e-3)
+
+
+def test_task_weights_scale_the_total(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, task_weights=[2.0, 0.5])
+    trainer.train()
+    for entry in step_logs(trainer):
+        assert entry["loss"] == pytest.approx(2.0 * entry["loss_category"] + 0.5 * entry["loss_sentiment"], abs=2e-3)
+
+
+def test_task_weights_must_match_the_tasks(tiny_model, make_trainer):
+    with pytest.raises(ValueError, match=r"--task_weights has 3 value\(s\) but the model has 2 tasks"):
+        make_trainer(tiny_model, task_weights=[1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("weights", [[-1.0, 1.0], [0.0, 0.0]])
+def test_invalid_task_weights(weights):
+    with pytest.raises(ValueError, match="task_weights"):
+        MultiTaskTrainingArguments(output_dir="unused", task_weights=weights)
+
+
+def test_partial_labels_train_without_nan(tiny_model, make_trainer):
+    rows = make_rows(16)
+    for i, row in enumerate(rows):  # half the rows topic-only, half sentiment-only
+        row["sentiment" if i % 2 else "category"] = None
+    trainer = make_trainer(tiny_model, rows=rows, num_train_epochs=2)
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in step_logs(trainer))
+
+
+def test_steplr_decays_every_epoch_by_gamma(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, num_train_epochs=3, lr_gamma=0.5, lr_step_epochs=1, learning_rate=1e-3)
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in step_logs(trainer)]
+    # 16 rows / batch 8 = 2 optimizer steps per epoch, each logged with the rate it used.
+    assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+
+
+def test_steplr_step_size_in_epochs(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, num_train_epochs=4, lr_gamma=0.1, lr_step_epochs=2, learning_rate=1e-3)
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    rates = []
+    for _ in range(8):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates == pytest.approx([1e-3] * 4 + [1e-4] * 4)
+
+
+def test_seed_defaults():
+    args = MultiTaskTrainingArguments(output_dir="unused")
+    assert args.learning_rate == 1e-4
+    assert args.weight_decay == 0.0
+    assert args.lr_scheduler_type == "step"
+    assert args.optim == "adamw_torch"  # with no weight decay: Adam
+
+
+def test_evaluation_reports_each_task(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model)
+    metrics = trainer.evaluate()
+    for task in ("category", "sentiment"):
+        for name in (
+            f"eval_loss_{task}",
+            f"eval_{task}_accuracy",
+            f"eval_{task}_macro_f1",
+            f"eval_{task}_macro_recall",
+        ):
+            assert name in metrics
+        assert 0.0 <= metrics[f"eval_{task}_accuracy"] <= 1.0
+    assert metrics["eval_loss"] == pytest.approx(
+        metrics["eval_loss_category"] + metrics["eval_loss_sentiment"], rel=1e-4
+    )
+
+
+def test_compute_loss_keeps_the_hf_signature(tiny_model, make_trainer, tiny_tokenizer):
+    trainer = make_trainer(tiny_model)
+    inputs = tiny_tokenizer(["the phone is great", "the vote was awful"], padding=True, return_tensors="pt")
+    inputs["labels"] = torch.tensor([[0, 0], [2, 1]])
+    loss, outputs = trainer.compute_loss(tiny_model, dict(inputs), return_outputs=True, num_items_in_batch=4)
+    assert loss.shape == () and outputs.loss is loss
+    assert len(outputs.logits) == 2
+
+
+def test_training_lowers_the_loss(tiny_model, make_trainer):
+    trainer = make_trainer(
+        tiny_model, rows=make_rows(36), num_train_epochs=20, lr_scheduler_type="constant", learning_rate=3e-3
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before * 0.5
+    assert after["eval_category_accuracy"] > 0.9
