@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParse
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.cli import parse_arguments, run, setup_logging
-from mtl.data import load_files, load_hub, require_labels, tokenize
+from mtl.data import drop_unlabelled, load_files, load_hub, require_labels, tokenize
 from mtl.freezing import parse_freeze
 from mtl.metrics import format_summary
 from mtl.modeling import is_multitask_checkpoint, resolve_encoder_name
@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
     train = load_split(data_args, tasks, "train", data_args.train_file)
     frozen = set(parse_freeze(training_args.freeze))
     train_source = data_args.dataset_name or ", ".join(data_args.train_file)
+    train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
     validation = load_split(data_args, tasks, "validation", data_args.validation_file)
     test = load_split(data_args, tasks, "test", data_args.test_file)
@@ -88,6 +89,7 @@ def main(argv=None) -> dict:
     if resume and resume.lower() in ("true", "latest"):  # the newest checkpoint in --output_dir
         resume = True
     result = trainer.train(resume_from_checkpoint=resume)
+    result.metrics["world_size"] = training_args.world_size  # processes that trained (accelerate launch)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

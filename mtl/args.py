@@ -4,11 +4,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import TrainingArguments
 
 from .configuration import validate_tasks
 from .freezing import parse_freeze
+from .sampling import MIXING_STRATEGIES
 
 DEFAULT_OUTPUT_DIR = "outputs/mtl-minilm"
 STEP_SCHEDULER = "step"
@@ -118,6 +120,21 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "One loss weight per task, in the model's task order (default: 1.0 each, a plain sum)."},
     )
+    task_mixing: str = field(
+        default="proportional",
+        metadata={
+            "help": "How batches mix tasks: 'proportional' (plain shuffle: a task appears as often as it has "
+            "labelled rows), 'temperature' (task t drawn with probability ~ n_t^(1/T): lifts small tasks), "
+            "'round_robin' or 'equal' (every task equally often)."
+        },
+    )
+    mixing_temperature: float = field(
+        default=2.0, metadata={"help": "T for --task_mixing temperature (1: proportional, larger: flatter)."}
+    )
+    class_weights: str = field(
+        default="none",
+        metadata={"help": "'balanced': weight each class by n / (k * n_class) within its task; 'none': equal."},
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate of the Adam optimizer."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
     optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (adamw_torch with no decay is Adam)."})
@@ -146,7 +163,15 @@ class MultiTaskTrainingArguments(TrainingArguments):
         super().__post_init__()
         if use_step:
             self.lr_scheduler_type = STEP_SCHEDULER
+        if not torch.cuda.is_available():  # pinned memory only helps copies to a GPU (and warns without one)
+            self.dataloader_pin_memory = False
         parse_freeze(self.freeze)
+        if self.task_mixing not in MIXING_STRATEGIES:
+            raise ValueError(f"--task_mixing {self.task_mixing!r} is not one of {list(MIXING_STRATEGIES)}.")
+        if self.mixing_temperature <= 0:
+            raise ValueError(f"--mixing_temperature must be positive, got {self.mixing_temperature}.")
+        if self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}.")
         self._check_output_dir()
         weights = self.task_weights
         if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):

@@ -177,13 +177,23 @@ def _to_dataset(columns: dict[str, list], tasks: dict[str, list[str]], text_colu
 
 def label_matrix(dataset: datasets.Dataset) -> np.ndarray:
     """The `labels` column as a (rows, tasks) integer array."""
-    return np.asarray(dataset.with_format("numpy")[:]["labels"], dtype=np.int64).reshape(len(dataset), -1)
+    labels = dataset.select_columns(["labels"]).with_format("numpy")[:]["labels"]
+    return np.asarray(labels, dtype=np.int64).reshape(len(dataset), -1)
 
 
 def labelled_counts(dataset: datasets.Dataset, tasks: dict[str, list[str]]) -> dict[str, int]:
     """How many rows carry a label, per task."""
     labels = label_matrix(dataset)
     return {task: int((labels[:, index] != IGNORE_INDEX).sum()) for index, task in enumerate(tasks)}
+
+
+def drop_unlabelled(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+    """Training rows with no label for any task teach nothing but cost a forward pass: leave them out."""
+    keep = np.flatnonzero((label_matrix(dataset) != IGNORE_INDEX).any(axis=1))
+    if len(keep) < len(dataset):
+        logger.warning("%s: %d row(s) have no label for any task and are skipped.", source, len(dataset) - len(keep))
+        dataset = dataset.select(keep)
+    return dataset
 
 
 def require_labels(dataset: datasets.Dataset, tasks: dict[str, list[str]], tasks_to_check: list[str], source: str):

@@ -9,9 +9,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
+from .data import label_matrix
 from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, parse_freeze
 from .metrics import build_compute_metrics
 from .modeling import labels_to_tensor, multitask_loss
+from .sampling import TaskMixingSampler, balanced_class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class MultiTaskTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.task_names = list(model.config.task_names)
         self.task_weights = self._resolve_task_weights()
+        self.class_weights = self._resolve_class_weights()
         self._apply_freezing()
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._task_loss_steps = 0
@@ -50,9 +53,35 @@ class MultiTaskTrainer(Trainer):
             )
         return list(weights)
 
+    def _resolve_class_weights(self) -> list[torch.Tensor] | None:
+        if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
+            return None
+        num_labels = [len(labels) for labels in self.model.config.tasks.values()]
+        weights = balanced_class_weights(label_matrix(self.train_dataset), num_labels)
+        logger.info(
+            "Balanced class weights: %s", {t: w.tolist() for t, w in zip(self.task_names, weights, strict=True)}
+        )
+        return [w.to(self.args.device) for w in weights]
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        strategy = getattr(self.args, "task_mixing", "proportional")
+        if strategy == "proportional" or dataset is None or "labels" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        sampler = TaskMixingSampler(label_matrix(dataset), strategy, self.args.mixing_temperature, seed=self.args.seed)
+        shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
+        logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
+        return sampler
+
     def _apply_freezing(self) -> None:
         spec = getattr(self.args, "freeze", "none")
         after = getattr(self.args, "unfreeze_encoder_after_epochs", None)
+        if after and self.args.world_size > 1:
+            # DDP only synchronises the parameters that were trainable when it wrapped the model.
+            raise ValueError(
+                "--unfreeze_encoder_after_epochs is not supported with several processes yet: train the heads "
+                "with --freeze encoder first, then fine-tune that model without freezing."
+            )
         if after:
             parts = [part for part in parse_freeze(spec) if part != "none"]
             spec = ",".join(parts if "encoder" in parts else [*parts, "encoder"])
@@ -113,6 +142,7 @@ class MultiTaskTrainer(Trainer):
             outputs.logits,
             labels,
             task_weights=self.task_weights,
+            class_weights=self.class_weights,
             label_smoothing=self.args.label_smoothing_factor,
         )
         if model.training:

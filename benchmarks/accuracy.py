@@ -1,0 +1,241 @@
+"""Accuracy on real public data: one multi-task model against one single-task model per task (same encoder, same
+budget) and against the frozen encoder with trained heads, side by side.
+
+    python benchmarks/accuracy.py --data_dir ../shared/data/bench                   # full run (GPU: a few minutes)
+    python benchmarks/accuracy.py --data_dir ../shared/data/bench --max_train_samples 400 --max_eval_samples 500
+
+Trains on train.jsonl, selects the best epoch on validation.jsonl (eval loss), and reports on the held-out test and
+out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run; the table goes to stdout and,
+with --results_file, is appended to a Markdown file with the command, hardware and date.
+"""
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import run_train
+from mtl import MultiTaskConfig, load_files
+from mtl.cli import parse_arguments, run, setup_logging
+from mtl.data import label_matrix
+from mtl.metrics import task_reports
+from mtl.modeling import IGNORE_INDEX
+from mtl.pipeline import MultiTaskPipeline
+
+logger = logging.getLogger("benchmarks.accuracy")
+
+# Columns of the table: (header, test file, task, metric).
+COLUMNS = [
+    ("BBC acc", "test_topic_bbc.jsonl", "category", "accuracy"),
+    ("AG News x-domain acc", "xdomain_topic_agnews.jsonl", "category", "accuracy"),
+    ("SemEval-2017 macro-recall", "test_sentiment_semeval2017.jsonl", "sentiment", "macro_recall"),
+    ("SemEval-2017 acc", "test_sentiment_semeval2017.jsonl", "sentiment", "accuracy"),
+    ("SemEval-2017 macro-F1", "test_sentiment_semeval2017.jsonl", "sentiment", "macro_f1"),
+    ("FPB macro-recall", "xdomain_sentiment_fpb.jsonl", "sentiment", "macro_recall"),
+    ("S140 macro-recall", "xdomain_sentiment_s140.jsonl", "sentiment", "macro_recall"),
+]
+SYSTEMS = ("multitask", "single", "frozen")
+
+
+@dataclass
+class BenchmarkArguments:
+    data_dir: str = field(default="../shared/data/bench", metadata={"help": "Folder with the benchmark files."})
+    output_dir: str = field(default="outputs/bench-accuracy", metadata={"help": "Models and scores go here."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Encoder (default all-MiniLM-L6-v2)."})
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={"help": f"Any of {SYSTEMS}."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "At most N training rows per task."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "At most N rows per test file."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs of every fine-tuned system."})
+    frozen_epochs: float = field(default=10.0, metadata={"help": "Epochs of the frozen-encoder system."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (fine-tuned systems)."})
+    frozen_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of the heads-only system."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Scheduler of every system."})
+    warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up, as a fraction of the steps if < 1."})
+    batch_size: int = field(default=32, metadata={"help": "Training batch size."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per text."})
+    task_mixing: str = field(default="temperature", metadata={"help": "Task mixing of the multi-task model."})
+    mixing_temperature: float = field(default=2.0, metadata={"help": "T of the temperature mixing."})
+    label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing of every system."})
+    seed: int = field(default=0, metadata={"help": "Random seed of every run."})
+    results_file: str | None = field(default=None, metadata={"help": "Append the table to this Markdown file."})
+
+    def __post_init__(self):
+        unknown = set(self.systems) - set(SYSTEMS)
+        if unknown:
+            raise ValueError(f"--systems: unknown {sorted(unknown)}; choose from {list(SYSTEMS)}.")
+        if not Path(self.data_dir, "train.jsonl").is_file():
+            raise FileNotFoundError(f"--data_dir {self.data_dir} has no train.jsonl; see ../shared/data/README.md.")
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_subset(rows: list[dict], tasks: list[str], limit: int | None, path: Path, seed: int) -> Path:
+    """Rows labelled for any of `tasks` (other tasks' labels removed), at most `limit` per task, in file order."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for task in tasks:
+        labelled = [i for i, row in enumerate(rows) if row.get(task) is not None]
+        if limit and len(labelled) > limit:
+            labelled = sorted(rng.choice(labelled, size=limit, replace=False).tolist())
+        keep.extend(labelled)
+    with path.open("w", encoding="utf-8") as handle:
+        for i in sorted(set(keep)):
+            handle.write(json.dumps({"text": rows[i]["text"], **{t: rows[i].get(t) for t in tasks}}) + "\n")
+    return path
+
+
+def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) -> tuple[Path, float]:
+    """One run_train.py run on the chosen tasks; returns the model directory and the wall time."""
+    work = Path(args.output_dir, name)
+    work.mkdir(parents=True, exist_ok=True)
+    source = Path(args.data_dir)
+    train_file = write_subset(
+        read_rows(source / "train.jsonl"), list(tasks), args.max_train_samples, work / "train.jsonl", args.seed
+    )
+    validation_file = write_subset(
+        read_rows(source / "validation.jsonl"),
+        list(tasks),
+        args.max_eval_samples,
+        work / "validation.jsonl",
+        args.seed,
+    )
+    argv = [
+        "--train_file",
+        str(train_file),
+        "--validation_file",
+        str(validation_file),
+        "--test_file",
+        "",
+        "--tasks",
+        json.dumps(tasks),
+        "--output_dir",
+        str(work / "model"),
+        "--overwrite_output_dir",
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--max_seq_length",
+        str(args.max_seq_length),
+        "--lr_scheduler_type",
+        args.lr_scheduler_type,
+        "--warmup_steps",
+        str(args.warmup_steps),
+        "--label_smoothing_factor",
+        str(args.label_smoothing_factor),
+        "--seed",
+        str(args.seed),
+        "--save_strategy",
+        "epoch",
+        "--save_total_limit",
+        "1",
+        "--load_best_model_at_end",
+        "--metric_for_best_model",
+        "eval_loss",
+        "--logging_steps",
+        "50",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "2" if torch.cuda.is_available() else "0",
+        *extra,
+    ]
+    if args.model_name_or_path:
+        argv += ["--model_name_or_path", args.model_name_or_path]
+    if torch.cuda.is_available():
+        argv += ["--bf16"]
+    logger.info("%s: python run_train.py %s", name, shlex.join(argv))
+    start = time.perf_counter()
+    run_train.main(argv)
+    return work / "model", time.perf_counter() - start
+
+
+def score(args: BenchmarkArguments, model_dir: Path) -> tuple[dict[str, float], float]:
+    """The table's columns this model can fill (its tasks), and the evaluation wall time."""
+    start = time.perf_counter()
+    pipeline = MultiTaskPipeline.from_pretrained(model_dir, batch_size=256, max_length=args.max_seq_length)
+    scores = {}
+    for header, file_name, task, metric in COLUMNS:
+        if task not in pipeline.tasks:
+            continue
+        dataset = load_files(Path(args.data_dir, file_name), pipeline.tasks)
+        if args.max_eval_samples:
+            dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
+        labels = label_matrix(dataset)
+        if not (labels != IGNORE_INDEX).any():
+            continue
+        logits = pipeline.predict_logits(dataset["text"][:])
+        scores[header] = 100 * task_reports(pipeline.tasks, logits, labels)[task][metric]
+    return scores, time.perf_counter() - start
+
+
+def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
+    common = ["--num_train_epochs", str(args.num_train_epochs), "--learning_rate", str(args.learning_rate)]
+    if system == "multitask":
+        extra = [*common, "--task_mixing", args.task_mixing, "--mixing_temperature", str(args.mixing_temperature)]
+        runs = [train(args, system, tasks, extra)]
+    elif system == "frozen":
+        extra = [
+            "--freeze",
+            "encoder",
+            "--num_train_epochs",
+            str(args.frozen_epochs),
+            "--learning_rate",
+            str(args.frozen_learning_rate),
+            "--task_mixing",
+            args.task_mixing,
+        ]
+        runs = [train(args, system, tasks, extra)]
+    else:  # one model per task, each with the multi-task model's budget
+        runs = [train(args, f"single-{task}", {task: labels}, common) for task, labels in tasks.items()]
+    row = {"system": system, "train_s": sum(seconds for _, seconds in runs), "eval_s": 0.0}
+    for model_dir, _ in runs:
+        scores, seconds = score(args, model_dir)
+        row.update(scores)
+        row["eval_s"] += seconds
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    headers = ["system", *(c[0] for c in COLUMNS), "train time (s)", "eval time (s)"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [row["system"], *(f"{row[c[0]]:.1f}" if c[0] in row else "-" for c in COLUMNS)]
+        lines.append("| " + " | ".join([*cells, f"{row['train_s']:.0f}", f"{row['eval_s']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"1x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def main(argv=None) -> list[dict]:
+    (args,) = parse_arguments(HfArgumentParser(BenchmarkArguments), argv)
+    setup_logging()
+    tasks = MultiTaskConfig().tasks
+    rows = [run_system(args, system, tasks) for system in args.systems]
+    table = markdown(rows)
+    sys.stdout.write(table + "\n")
+    if args.results_file:
+        command = "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        with open(args.results_file, "a", encoding="utf-8") as handle:
+            handle.write(f"\n### Accuracy, {datetime.date.today()}, {hardware()}\n\n`{command}`\n\n{table}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,133 @@
+"""Label texts from the command line, one JSON line per text.
+
+    python -m mtl.predict MODEL "text one" "text two"
+    python -m mtl.predict MODEL --input texts.txt|texts.jsonl|texts.csv [--output predictions.jsonl]
+
+MODEL is a directory written by run_train.py or a Hub id. Files are streamed in chunks, so memory stays flat on
+inputs of any length; the output file appears only once every line is written.
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .cli import run, setup_logging
+from .data import DataError
+from .pipeline import MultiTaskPipeline
+
+logger = logging.getLogger(__name__)
+
+INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
+
+
+@dataclass
+class PredictArguments:
+    input: str | None = field(
+        default=None, metadata={"help": "A .txt (one text per line), .jsonl or .csv (with a text column) file."}
+    )
+    output: str | None = field(default=None, metadata={"help": "Write the JSON lines here instead of stdout."})
+    text_column: str = field(default="text", metadata={"help": "The text column of a .jsonl/.csv input."})
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncate texts to this many tokens."})
+    chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
+    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: the text {value!r} is a {type(value).__name__}, not a string.")
+    if not value.strip():
+        raise DataError(f"{where}: the text is empty.")
+    return value
+
+
+def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
+    """Stream the texts of a .txt/.jsonl/.csv file, checking each one (blank .txt lines are skipped)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise DataError(f"{path}: unsupported input type {suffix or '(none)'!r}; use one of {list(INPUT_SUFFIXES)}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    with open(path, encoding="utf-8", newline="" if suffix == ".csv" else None) as handle:
+        try:
+            yield from _iter_handle(handle, path, suffix, text_column)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not valid UTF-8 ({error.reason}); save the file as UTF-8.") from None
+
+
+def _iter_handle(handle: io.TextIOBase, path: Path, suffix: str, text_column: str) -> Iterator[str]:
+    if suffix == ".csv":
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or text_column not in reader.fieldnames:
+            raise DataError(f"{path}: no {text_column!r} column (columns: {reader.fieldnames}); use --text_column.")
+        for row in reader:
+            yield _text(row[text_column], f"{path}: line {reader.line_num}")
+        return
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        if suffix == ".txt":
+            yield line.rstrip("\r\n")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number} is not valid JSON ({error.msg}).") from None
+        if not isinstance(record, dict) or text_column not in record:
+            raise DataError(f"{path}: line {number} has no {text_column!r} key; use --text_column.")
+        yield _text(record[text_column], f"{path}: line {number}")
+
+
+def _write_lines(predictions: Iterator[dict], handle) -> int:
+    count = 0
+    for prediction in predictions:
+        handle.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+def write_predictions(predictions: Iterator[dict], output: str | None) -> int:
+    """Write JSON lines to stdout, or to `output` through a temporary file renamed at the end (never half-written)."""
+    if output is None:
+        return _write_lines(predictions, sys.stdout)
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            count = _write_lines(predictions, handle)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return count
+
+
+def main(argv=None) -> int:
+    parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="A directory written by run_train.py, or a Hub model id.")
+    parser.add_argument("texts", nargs="*", help="Texts to label (or use --input).")
+    args, positional = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(logging.WARNING)
+    if bool(positional.texts) == bool(args.input):
+        raise ValueError("give either texts on the command line or --input FILE (one of them, not both).")
+    clf = MultiTaskPipeline.from_pretrained(
+        positional.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length
+    )
+    texts = positional.texts if positional.texts else iter_texts(args.input, args.text_column)
+    count = write_predictions(clf.iter_predictions(texts, args.chunk_size), args.output)
+    if count == 0:
+        raise ValueError(f"{args.input}: no texts to label.")
+    return count
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

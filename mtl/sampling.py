@@ -1,0 +1,88 @@
+"""How training batches mix tasks when the tasks' data sets differ in size.
+
+- `proportional`: a plain shuffle; each task appears as often as it has labelled rows (a small task starves).
+- `temperature`: draw task t with probability proportional to n_t ** (1 / T), then one of its rows; T=1 is
+  proportional, larger T flattens towards equal.
+- `round_robin` (alias `equal`): every task equally often.
+
+Within a task, rows are drawn without replacement from a reshuffled pool (a small task's rows repeat only after all
+were seen). The sampler yields as many rows per epoch as the data set has, so an epoch costs the same whatever the
+mix, and it is seeded by (seed, epoch): every process of a distributed run draws the same sequence, which accelerate
+then splits into per-process batches.
+"""
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from .modeling import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+MIXING_STRATEGIES = ("proportional", "temperature", "round_robin", "equal")
+
+
+def task_probabilities(counts: list[int], strategy: str, temperature: float = 2.0) -> np.ndarray:
+    """How often each task is drawn, given its number of labelled rows."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if strategy == "proportional":
+        weights = counts
+    elif strategy == "temperature":
+        weights = counts ** (1.0 / temperature)
+    elif strategy in ("round_robin", "equal"):
+        weights = (counts > 0).astype(np.float64)
+    else:
+        raise ValueError(f"task mixing {strategy!r} is not one of {list(MIXING_STRATEGIES)}.")
+    weights[counts == 0] = 0.0
+    return weights / weights.sum()
+
+
+class TaskMixingSampler(Sampler[int]):
+    """Yield row indices so that tasks are drawn with `task_probabilities(...)`; see the module docstring."""
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        strategy: str = "temperature",
+        temperature: float = 2.0,
+        seed: int = 0,
+        num_samples: int | None = None,
+    ):
+        labels = np.asarray(labels)
+        self.pools = [np.flatnonzero(labels[:, task] != IGNORE_INDEX) for task in range(labels.shape[1])]
+        self.probabilities = task_probabilities([len(pool) for pool in self.pools], strategy, temperature)
+        self.num_samples = num_samples or len(labels)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        tasks = rng.choice(len(self.pools), size=self.num_samples, p=self.probabilities)
+        cursors = [0] * len(self.pools)
+        orders = [rng.permutation(pool) for pool in self.pools]
+        for task in tasks:
+            if cursors[task] == len(orders[task]):  # pool exhausted: reshuffle it
+                orders[task] = rng.permutation(self.pools[task])
+                cursors[task] = 0
+            yield int(orders[task][cursors[task]])
+            cursors[task] += 1
+
+
+def balanced_class_weights(labels: np.ndarray, num_labels: list[int]) -> list[torch.Tensor]:
+    """Per task, n / (k * n_c) for each class c (scikit-learn's 'balanced'); an absent class gets weight 1."""
+    weights = []
+    for task, k in enumerate(num_labels):
+        column = labels[:, task]
+        counts = np.bincount(column[column != IGNORE_INDEX], minlength=k).astype(np.float64)
+        task_weights = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 1.0)
+        weights.append(torch.tensor(task_weights, dtype=torch.float32))
+    return weights

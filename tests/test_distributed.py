@@ -1,0 +1,83 @@
+"""`accelerate launch` with two real processes (DDP over gloo on CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_eval
+from tests.conftest import make_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_training_with_partial_labels_and_a_frozen_head(tmp_path, tiny_encoder_dir):
+    rows = make_rows(36)
+    for i, row in enumerate(rows):  # a third topic-only, a third sentiment-only, a third both
+        if i % 3 == 0:
+            row["sentiment"] = None
+        elif i % 3 == 1:
+            row["category"] = None
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "validation.jsonl", make_rows(12))
+    output = tmp_path / "model"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "run_train.py",
+        "--model_name_or_path",
+        str(tiny_encoder_dir),
+        "--train_file",
+        str(tmp_path / "train.jsonl"),
+        "--validation_file",
+        str(tmp_path / "validation.jsonl"),
+        "--test_file",
+        "",
+        "--output_dir",
+        str(output),
+        "--use_cpu",
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_seq_length",
+        "32",
+        "--freeze",
+        "sentiment",
+        "--task_mixing",
+        "temperature",
+        "--disable_tqdm",
+        "true",
+    ]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    train_results = json.loads((output / "train_results.json").read_text())
+    assert train_results["world_size"] == 2
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 10  # 36 rows over 2 processes x 4 = 5 steps per epoch (one process: 9)
+    # Only the main process wrote the files: one set, no duplicates from rank 1.
+    assert sorted(p.name for p in output.glob("model*.safetensors")) == ["model.safetensors"]
+    results = run_eval.main(
+        [
+            "--model_name_or_path",
+            str(output),
+            "--test_file",
+            str(tmp_path / "validation.jsonl"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ]
+    )
+    assert 0.0 <= results["category_accuracy"] <= 1.0 and "sentiment_accuracy" in results

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler
+
+from mtl.modeling import IGNORE_INDEX
+from mtl.sampling import TaskMixingSampler, balanced_class_weights, task_probabilities
+from tests.conftest import make_rows
+
+N_TOPIC, N_SENTIMENT = 100, 900
+
+
+def partial_labels() -> np.ndarray:
+    """100 topic-only rows then 900 sentiment-only rows, like a small topic set mixed with a big sentiment set."""
+    labels = np.full((N_TOPIC + N_SENTIMENT, 2), IGNORE_INDEX)
+    labels[:N_TOPIC, 0] = np.arange(N_TOPIC) % 3
+    labels[N_TOPIC:, 1] = np.arange(N_SENTIMENT) % 3
+    return labels
+
+
+def topic_share(indices) -> float:
+    indices = np.asarray(list(indices))
+    return float((indices < N_TOPIC).mean())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [("proportional", 0.1), ("temperature", 10 / 40), ("round_robin", 0.5), ("equal", 0.5)],
+)
+def test_probabilities(strategy, expected):
+    assert task_probabilities([N_TOPIC, N_SENTIMENT], strategy, temperature=2.0)[0] == pytest.approx(expected)
+
+
+def test_a_task_without_rows_is_never_drawn():
+    assert task_probabilities([0, 50], "round_robin").tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"), [("temperature", 0.25), ("round_robin", 0.5), ("proportional", 0.1)]
+)
+def test_observed_task_frequencies_match_the_mix(strategy, expected):
+    sampler = TaskMixingSampler(partial_labels(), strategy, temperature=2.0, seed=0)
+    shares = []
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        shares.append(topic_share(sampler))
+    assert len(sampler) == N_TOPIC + N_SENTIMENT  # same budget per epoch whatever the mix
+    assert np.mean(shares) == pytest.approx(expected, abs=0.01)
+
+
+def test_small_task_rows_repeat_only_after_all_were_seen():
+    sampler = TaskMixingSampler(partial_labels(), "round_robin", seed=1)
+    drawn = [i for i in sampler if i < N_TOPIC]  # about 500 draws from 100 topic rows
+    first_pass = drawn[:N_TOPIC]
+    assert sorted(first_pass) == list(range(N_TOPIC))
+    counts = np.bincount(drawn, minlength=N_TOPIC)
+    assert counts.max() - counts.min() <= 1
+
+
+def test_seeded_by_seed_and_epoch():
+    a, b = TaskMixingSampler(partial_labels(), seed=5), TaskMixingSampler(partial_labels(), seed=5)
+    assert list(a) == list(b)
+    b.set_epoch(1)
+    assert list(a) != list(b)
+
+
+def test_distributed_shards_keep_the_mix():
+    sampler = TaskMixingSampler(partial_labels(), "temperature", temperature=2.0, seed=0)
+    batches = BatchSampler(sampler, batch_size=16, drop_last=False)
+    shards = [list(BatchSamplerShard(batches, num_processes=2, process_index=rank)) for rank in range(2)]
+    for shard in shards:
+        assert topic_share(i for batch in shard for i in batch) == pytest.approx(0.25, abs=0.03)
+    # The two processes split one global sequence: together they hold each position once.
+    interleaved = [i for pair in zip(*shards, strict=False) for batch in pair for i in batch]
+    assert interleaved[:960] == list(sampler)[:960]
+
+
+def test_proportional_sees_every_example(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, rows=make_rows(24))
+    assert sorted(trainer._get_train_sampler()) == list(range(24))
+
+
+def test_trainer_uses_the_mixing_sampler(tiny_model, make_trainer):
+    rows = make_rows(24)
+    for row in rows[4:]:
+        row["category"] = None  # 4 topic rows, 24 sentiment rows
+    trainer = make_trainer(tiny_model, rows=rows, task_mixing="round_robin", num_train_epochs=2)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, TaskMixingSampler)
+    assert sampler.probabilities.tolist() == [0.5, 0.5]
+    trainer.train()
+    assert trainer.state.global_step == 6
+
+
+def test_balanced_class_weights():
+    labels = np.array([[0, 1], [0, IGNORE_INDEX], [0, 1], [1, 0]])
+    category, sentiment = balanced_class_weights(labels, [3, 2])
+    torch.testing.assert_close(category, torch.tensor([4 / (3 * 3), 4 / (3 * 1), 1.0]))
+    torch.testing.assert_close(sentiment, torch.tensor([3 / (2 * 1), 3 / (2 * 2)]))
+
+
+def test_class_weights_reach_the_loss(tiny_model, make_trainer):
+    rows = make_rows(24)
+    trainer = make_trainer(tiny_model, rows=rows[:20], class_weights="balanced")
+    assert [len(w) for w in trainer.class_weights] == [3, 3]
+    assert not torch.allclose(trainer.class_weights[0], torch.ones(3))
