@@ -9,6 +9,7 @@ inputs of any length; the output file appears only once every line is written.
 
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -122,11 +123,11 @@ def main(argv=None) -> int:
     clf = MultiTaskPipeline.from_pretrained(
         positional.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length
     )
-    texts = positional.texts if positional.texts else iter_texts(args.input, args.text_column)
-    count = write_predictions(clf.iter_predictions(texts, args.chunk_size), args.output)
-    if count == 0:
+    texts = iter(positional.texts) if positional.texts else iter_texts(args.input, args.text_column)
+    first = next(texts, None)  # an empty input is an error before any output file exists
+    if first is None:
         raise ValueError(f"{args.input}: no texts to label.")
-    return count
+    return write_predictions(clf.iter_predictions(itertools.chain([first], texts), args.chunk_size), args.output)
 
 
 if __name__ == "__main__":

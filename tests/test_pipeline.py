@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtl import DataError
+from mtl.cli import run
+from mtl.pipeline import MultiTaskPipeline
+from mtl.predict import iter_texts, main
+
+TEXTS = ["the phone", "the match was great and the team played a good game today", "vote", "a law on tax"]
+
+
+@pytest.fixture
+def saved_model(tmp_path, tiny_model, tiny_tokenizer):
+    tiny_model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def clf(saved_model):
+    return MultiTaskPipeline.from_pretrained(saved_model, device="cpu", batch_size=2)
+
+
+def test_results_follow_input_order_and_match_unbatched(clf, tiny_model, tiny_tokenizer):
+    batched = clf.predict_logits(TEXTS)
+    tiny_model.eval()
+    with torch.no_grad():
+        for i, text in enumerate(TEXTS):
+            one = tiny_model(**tiny_tokenizer([text], return_tensors="pt")).logits
+            for task_logits, expected in zip(batched, one, strict=True):
+                np.testing.assert_allclose(task_logits[i], expected[0].numpy(), atol=1e-5)
+
+
+def test_labels_and_scores(clf):
+    results = clf(TEXTS)
+    assert [r["text"] for r in results] == TEXTS
+    for result in results:
+        assert set(result) == {"text", "category", "category_score", "sentiment", "sentiment_score"}
+        assert result["category"] in clf.tasks["category"]
+        assert 1 / 3 <= result["sentiment_score"] <= 1.0  # the arg-max probability of 3 classes
+    assert clf("the phone")[0]["text"] == "the phone"
+
+
+def test_streaming_gives_the_same_results(clf):
+    assert list(clf.iter_predictions(iter(TEXTS), chunk_size=3)) == clf(TEXTS)
+
+
+def test_very_long_text_is_truncated(clf):
+    (result,) = clf([" ".join(["phone"] * 5000)])
+    assert result["category"] in clf.tasks["category"]
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"), [([], "No texts"), (["ok", ""], "Input 1 is empty"), (["ok", 3], "Input 1 is a int")]
+)
+def test_bad_inputs(clf, texts, message):
+    with pytest.raises(ValueError, match=message):
+        clf(texts)
+
+
+def test_cli_texts_and_files(tmp_path, saved_model, capsys):
+    assert main([str(saved_model), "the phone", "the vote"]) == 2
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["the phone", "the vote"]
+
+    inputs = {
+        "in.txt": "the phone\n\nthe vote\n",
+        "in.jsonl": '{"text": "the phone"}\n{"text": "the vote"}\n',
+        "in.csv": 'id,text\n1,the phone\n2,"the vote"\n',
+    }
+    for name, content in inputs.items():
+        (tmp_path / name).write_text(content)
+        output = tmp_path / f"{name}.out.jsonl"
+        assert main([str(saved_model), "--input", str(tmp_path / name), "--output", str(output)]) == 2
+        assert [json.loads(x)["text"] for x in output.read_text().splitlines()] == ["the phone", "the vote"], name
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", '{"text": "ok"}\n{"text": 5}\n', "line 2: the text 5 is a int"),
+        ("bad2.jsonl", '{"text": "ok"}\nnot json\n', "line 2 is not valid JSON"),
+        ("bad.csv", "id,body\n1,x\n", "no 'text' column"),
+        ("empty.txt", "\n\n", "no texts to label"),
+        ("in.parquet", "x", "unsupported input type"),
+    ],
+)
+def test_cli_bad_files_leave_no_output(tmp_path, saved_model, capsys, name, content, message):
+    (tmp_path / name).write_text(content)
+    output = tmp_path / "out.jsonl"
+    assert run(main, [str(saved_model), "--input", str(tmp_path / name), "--output", str(output)]) == 1
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+    assert not list(tmp_path.glob(".out.jsonl.partial"))
+
+
+def test_cli_needs_texts_or_input(saved_model, capsys):
+    assert run(main, [str(saved_model)]) == 1
+    assert "either texts on the command line or --input" in capsys.readouterr().err
+
+
+def test_iter_texts_is_lazy(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"text {i}\n" for i in range(1000)))
+    stream = iter_texts(path)
+    assert next(stream) == "text 0"  # nothing else was read or checked yet
+
+
+def test_iter_texts_rejects_non_text(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": ["a"]}\n')
+    with pytest.raises(DataError, match="is a list, not a string"):
+        list(iter_texts(path))
