@@ -120,6 +120,13 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "One loss weight per task, in the model's task order (default: 1.0 each, a plain sum)."},
     )
+    cache_frozen_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "When the encoder stays frozen for the whole run, embed the data once (cached on disk) and "
+            "train the heads on the embeddings instead of running the encoder every epoch."
+        },
+    )
     task_mixing: str = field(
         default="proportional",
         metadata={

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+import torch
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from .modeling import IGNORE_INDEX
 
@@ -219,3 +220,19 @@ def tokenize(
         return tokenizer(batch[text_column], truncation=True, max_length=max_seq_length)
 
     return dataset.map(encode, batched=True, remove_columns=[text_column], desc="Tokenizing")
+
+
+class MultiTaskDataCollator:
+    """Pads token ids per batch (dynamic padding), or stacks cached `pooled_embeddings`; stacks the labels."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+        self.padder = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "pooled_embeddings" not in features[0]:
+            return self.padder(features)
+        embeddings = np.asarray([f["pooled_embeddings"] for f in features], dtype=np.float32)
+        batch = {"pooled_embeddings": torch.from_numpy(embeddings)}
+        if "labels" in features[0]:
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        return batch

@@ -186,12 +186,35 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.get_input_embeddings()
 
+    def train(self, mode: bool = True) -> "MultiTaskModel":
+        super().train(mode)
+        # A frozen encoder is a fixed feature extractor: no dropout, so its output is deterministic (and cacheable).
+        if not any(p.requires_grad for p in self.encoder.parameters()):
+            self.encoder.eval()
+        return self
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **encoder_kwargs,
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """The pooled sentence embedding (what the heads read) and the encoder's raw output."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is not None:
+            encoder_kwargs["token_type_ids"] = token_type_ids
+        encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **encoder_kwargs)
+        return pool(encoded.last_hidden_state, attention_mask, self.config.pooling), encoded
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        pooled_embeddings: torch.Tensor | None = None,
         output_pooled: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -199,19 +222,19 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, num_tasks)` or `dict[str, torch.LongTensor]`, *optional*):
             Label ids per task, columns in `config.tasks` order; `-100` marks an example not labelled for that task.
+        pooled_embeddings (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+            Sentence embeddings computed earlier by `embed` (e.g. cached while the encoder is frozen): the encoder
+            is skipped and only the heads run.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        encoder_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            encoder_kwargs["token_type_ids"] = token_type_ids
-        if output_hidden_states:
-            encoder_kwargs["output_hidden_states"] = True
-        if output_attentions:
-            encoder_kwargs["output_attentions"] = True
-        encoded = self.encoder(**encoder_kwargs, return_dict=True)
-        pooled = pool(encoded.last_hidden_state, attention_mask, self.config.pooling)
-        features = self.dropout(pooled)
+        encoded = None
+        if pooled_embeddings is None:
+            flags = {}
+            if output_hidden_states:
+                flags["output_hidden_states"] = True
+            if output_attentions:
+                flags["output_attentions"] = True
+            pooled_embeddings, encoded = self.embed(input_ids, attention_mask, token_type_ids, **flags)
+        features = self.dropout(pooled_embeddings)
         logits = tuple(head(features) for head in self.heads.values())
         loss = None
         if labels is not None:
@@ -219,9 +242,9 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         return MultiTaskOutput(
             loss=loss,
             logits=logits,
-            pooled_output=pooled if output_pooled else None,
-            hidden_states=encoded.hidden_states if output_hidden_states else None,
-            attentions=encoded.attentions if output_attentions else None,
+            pooled_output=pooled_embeddings if output_pooled else None,
+            hidden_states=encoded.hidden_states if output_hidden_states and encoded is not None else None,
+            attentions=encoded.attentions if output_attentions and encoded is not None else None,
         )
 
 

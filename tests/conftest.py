@@ -96,8 +96,6 @@ def data_dir(tmp_path) -> Path:
 @pytest.fixture
 def make_trainer(tmp_path, tiny_tokenizer):
     """Build a MultiTaskTrainer over the tiny rows; keyword arguments go to MultiTaskTrainingArguments."""
-    from transformers import DataCollatorWithPadding
-
     from mtl import MultiTaskTrainer, MultiTaskTrainingArguments, load_files, tokenize
 
     def build(model, rows=None, **overrides):
@@ -122,7 +120,6 @@ def make_trainer(tmp_path, tiny_tokenizer):
             train_dataset=dataset,
             eval_dataset=dataset,
             processing_class=tiny_tokenizer,
-            data_collator=DataCollatorWithPadding(tiny_tokenizer),
         )
 
     return build
