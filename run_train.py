@@ -9,13 +9,14 @@ accelerate launch run_train.py ...                   # several processes / GPUs
 import logging
 import sys
 
-from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.cli import parse_arguments, run, setup_logging
-from mtl.data import drop_unlabelled, load_files, load_hub, require_labels, tokenize
+from mtl.data import MultiTaskDataCollator, drop_unlabelled, load_files, load_hub, require_labels, tokenize
 from mtl.freezing import parse_freeze
+from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
 from mtl.modeling import is_multitask_checkpoint, resolve_encoder_name
 
@@ -31,6 +32,7 @@ def load_split(data_args: DataArguments, tasks: dict, split: str, files) -> obje
 def main(argv=None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser, argv)
+    hub_push = detach_hub_push(training_args)  # pushed once at the end; the token kept out of training_args.bin
     # Our progress on the main process only; transformers at its own --log_level (warnings by default).
     level = logging.INFO if training_args.should_log else logging.WARNING
     setup_logging(level, library_level=training_args.get_process_log_level())
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
         train_dataset=train,
         eval_dataset=validation,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None),
+        data_collator=MultiTaskDataCollator(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None),
     )
     resume = training_args.resume_from_checkpoint
     if resume and resume.lower() in ("true", "latest"):  # the newest checkpoint in --output_dir
@@ -104,6 +106,12 @@ def main(argv=None) -> dict:
             trainer.save_metrics(name, metrics[name])
     if trainer.is_world_process_zero() and "test" in metrics:
         logger.info("Test results:\n%s", format_summary(tasks, metrics["test"], prefix="test_"))
+
+    # 6. The model card (README.md); with --push_to_hub, the output directory is pushed to the Hub in one commit.
+    if hub_push is not None:
+        push_to_hub(trainer, hub_push, dataset=data_sources(data_args))
+    else:
+        trainer.create_model_card(dataset=data_sources(data_args))
     return metrics
 
 

@@ -5,11 +5,13 @@ import math
 from collections import defaultdict
 
 import torch
+from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
-from .data import label_matrix
+from .caching import EMBEDDINGS_COLUMN, cache_embeddings
+from .data import MultiTaskDataCollator, label_matrix
 from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, parse_freeze
 from .metrics import build_compute_metrics
 from .modeling import labels_to_tensor, multitask_loss
@@ -34,6 +36,8 @@ class MultiTaskTrainer(Trainer):
             args = MultiTaskTrainingArguments()
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
+        if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
+            kwargs["data_collator"] = MultiTaskDataCollator(kwargs["processing_class"])
         super().__init__(model=model, args=args, **kwargs)
         self.task_names = list(model.config.task_names)
         self.task_weights = self._resolve_task_weights()
@@ -95,7 +99,25 @@ class MultiTaskTrainer(Trainer):
                 f"freeze={self.args.freeze!r} leaves nothing to train: every parameter is frozen. Use "
                 "--freeze none, encoder, or a task name instead."
             )
+        self._cache_frozen_embeddings()
         return super().train(*args, **kwargs)
+
+    def _cache_frozen_embeddings(self) -> None:
+        """With the encoder frozen for the whole run, embed the data once and train the heads on the embeddings."""
+        frozen = not any(p.requires_grad for p in self.model.encoder.parameters())
+        scheduled = getattr(self.args, "unfreeze_encoder_after_epochs", None)
+        if not (frozen and not scheduled and getattr(self.args, "cache_frozen_embeddings", False)):
+            return
+        if not isinstance(self.data_collator, MultiTaskDataCollator):
+            logger.warning("Frozen-encoder embeddings are not cached: the data collator is not MultiTaskDataCollator.")
+            return
+        self.model.to(self.args.device)
+        batch_size = self.args.per_device_eval_batch_size
+        with self.args.main_process_first(desc="caching frozen-encoder embeddings"):
+            if self.train_dataset is not None and EMBEDDINGS_COLUMN not in self.train_dataset.column_names:
+                self.train_dataset = cache_embeddings(self.model, self.train_dataset, batch_size)
+            if isinstance(self.eval_dataset, Dataset) and EMBEDDINGS_COLUMN not in self.eval_dataset.column_names:
+                self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)
 
     def create_optimizer(self, model=None):
         # The Trainer hands the optimizer trainable parameters only; an encoder that unfreezes later must be in it
@@ -160,3 +182,30 @@ class MultiTaskTrainer(Trainer):
             self._task_loss_sums.clear()
             self._task_loss_steps = 0
         super().log(logs, start_time)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | dict[str, list[str]] | None = None,
+    ) -> None:
+        """Write mtl's model card to `README.md` in `args.output_dir` (where `push_to_hub` uploads it from): Hub
+        metadata with the per-task results, the tasks and labels, the training set-up, the latest evaluation results
+        and usage (see `mtl.hub.build_model_card`). `dataset` may map each split to its sources, e.g.
+        `{"train": ["train.jsonl"], "validation": ["dev.jsonl"]}`."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import write_model_card  # only needed here, when a card is written
+
+        write_model_card(
+            self,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            dataset=dataset,
+            tags=tags,
+            language=language,
+            license=license,
+        )
