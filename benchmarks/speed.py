@@ -1,0 +1,347 @@
+"""Training and inference throughput against what users would pick instead, side by side in one process.
+
+    python benchmarks/speed.py                                   # our default data, all-MiniLM-L6-v2, batch 32
+    python benchmarks/speed.py --data_file ../shared/data/bench/validation.jsonl --results_file benchmarks/RESULTS.md
+
+Same texts, encoder, batch size and hardware for every system:
+1. training, steady-state samples/s (the first steps are excluded): our MultiTaskTrainer on both tasks; the stock
+   Trainer + AutoModelForSequenceClassification on one task, padded to max length (as run_classification.py does by
+   default) and dynamically padded; a plain PyTorch loop in the seed's style (fp32, Adam, padded to max length);
+2. the frozen encoder: 10 epochs of head training, with and without caching the pooled embeddings (end to end);
+3. inference: MultiTaskPipeline (both tasks) against SentenceTransformer.encode (one embedding, no heads).
+Peak memory is the peak resident set (CPU) or allocated memory (GPU) above the level before each system ran.
+"""
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import psutil
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import mtl.caching
+from mtl import MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, load_files
+from mtl.cli import parse_arguments, run, setup_logging
+from mtl.data import tokenize
+from mtl.metrics import task_reports
+from mtl.modeling import resolve_encoder_name
+from mtl.pipeline import MultiTaskPipeline
+
+logger = logging.getLogger("benchmarks.speed")
+
+
+@dataclass
+class SpeedArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Encoder (default all-MiniLM-L6-v2)."})
+    data_file: str = field(default="data/train.jsonl", metadata={"help": "Labelled texts (both tasks) to train on."})
+    eval_file: str = field(default="data/test.jsonl", metadata={"help": "Accuracy check of the speed options."})
+    batch_size: int = field(default=32, metadata={"help": "Batch size of every system."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncation (and padding) length."})
+    train_steps: int = field(default=40, metadata={"help": "Optimizer steps timed per training system."})
+    warmup_steps: int = field(default=5, metadata={"help": "First steps left out of the throughput."})
+    frozen_epochs: int = field(default=10, metadata={"help": "Epochs of the frozen-encoder comparison."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for every system (GPU)."})
+    results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
+
+
+class PeakMemory:
+    """Peak memory above the starting level while the block runs (RSS sampled every 20 ms on CPU)."""
+
+    def __enter__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.process, self.running = psutil.Process(), True
+        self.start = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.mib = (self.peak - self.start) / 2**20
+
+
+class StepTimer(TrainerCallback):
+    """Wall-clock time of each optimizer step after the first `skip`."""
+
+    def __init__(self, skip: int):
+        self.skip, self.times = skip, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def samples_per_second(self, batch_size: int) -> float:
+        timed = self.times[self.skip :]
+        return (len(timed) - 1) * batch_size / (timed[-1] - timed[0])
+
+
+def encoder_path(args: SpeedArguments) -> str:
+    return resolve_encoder_name(args.model_name_or_path)
+
+
+def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **overrides) -> TrainingArguments:
+    settings = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": args.batch_size,
+        "max_steps": args.train_steps,
+        "learning_rate": 1e-4,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_strategy": "no",
+        "bf16": args.bf16,
+        "seed": 0,
+        **overrides,
+    }
+    return cls(**settings)
+
+
+def time_trainer(trainer: Trainer, args: SpeedArguments) -> tuple[float, float]:
+    timer = StepTimer(args.warmup_steps)
+    trainer.add_callback(timer)
+    with PeakMemory() as memory:
+        trainer.train()
+    return timer.samples_per_second(args.batch_size), memory.mib
+
+
+def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
+    model = MultiTaskModel.from_encoder(encoder_path(args))
+    training_args = hf_args(args, work, MultiTaskTrainingArguments, lr_scheduler_type="constant")
+    trainer = MultiTaskTrainer(
+        model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
+    )
+    return time_trainer(trainer, args)
+
+
+def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple[float, float]:
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_path(args), num_labels=3)
+    dataset = data["single_padded" if pad_to_max else "single"]
+    trainer = Trainer(
+        model=model,
+        args=hf_args(args, work),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    return time_trainer(trainer, args)
+
+
+def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:
+    """The seed's style: a fixed-length padded tensor data set, fp32, Adam 1e-4, a hand-written loop."""
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_path(args), num_labels=3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).train()
+    columns = data["single_padded"].with_format("torch")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = torch.utils.data.DataLoader(columns, batch_size=args.batch_size, shuffle=True)
+    times = []
+    with PeakMemory() as memory:
+        while len(times) < args.train_steps:
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter())
+                if len(times) == args.train_steps:
+                    break
+    timed = times[args.warmup_steps :]
+    return (len(timed) - 1) * args.batch_size / (timed[-1] - timed[0]), memory.mib
+
+
+def frozen_training(args, data, tokenizer, work, cache: bool) -> tuple[float, float, MultiTaskModel]:
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_encoder(encoder_path(args))
+    training_args = hf_args(
+        args,
+        work,
+        MultiTaskTrainingArguments,
+        max_steps=-1,
+        num_train_epochs=args.frozen_epochs,
+        freeze="encoder",
+        cache_frozen_embeddings=cache,
+        learning_rate=3e-3,
+    )
+    trainer = MultiTaskTrainer(
+        model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
+    )
+    start = time.perf_counter()
+    # A fresh cache folder: the cached run pays for computing the embeddings.
+    with (
+        tempfile.TemporaryDirectory() as cache_dir,
+        mock.patch.object(mtl.caching, "default_cache_dir", lambda: Path(cache_dir)),
+        PeakMemory() as memory,
+    ):
+        trainer.train()
+    return time.perf_counter() - start, memory.mib, model
+
+
+def inference(args, texts: list[str]) -> list[dict]:
+    from sentence_transformers import SentenceTransformer
+
+    rows = []
+    clf = MultiTaskPipeline(
+        MultiTaskModel.from_encoder(encoder_path(args)),
+        AutoTokenizer.from_pretrained(encoder_path(args)),
+        batch_size=args.batch_size,
+        max_length=args.max_seq_length,
+    )
+    encoder = SentenceTransformer(encoder_path(args), device=str(clf.device))
+    encoder.max_seq_length = args.max_seq_length
+    systems: list[tuple[str, Callable]] = [
+        ("MultiTaskPipeline (both tasks)", lambda: clf.predict_logits(texts)),
+        ("SentenceTransformer.encode (embedding only)", lambda: encoder.encode(texts, batch_size=args.batch_size)),
+    ]
+    for name, call in systems:
+        call()  # warm-up
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - start
+        rows.append({"system": name, "samples/s": len(texts) / seconds, "peak MiB": memory.mib})
+    return rows
+
+
+def accuracy(model: MultiTaskModel, tokenizer, args) -> dict[str, float]:
+    dataset = load_files(args.eval_file, model.config.tasks)
+    clf = MultiTaskPipeline(model, tokenizer, batch_size=128, max_length=args.max_seq_length)
+    logits = clf.predict_logits(dataset["text"][:])
+    reports = task_reports(model.config.tasks, logits, torch.tensor(dataset["labels"][:]).numpy())
+    return {task: 100 * report["accuracy"] for task, report in reports.items()}
+
+
+def prepare(args: SpeedArguments, tokenizer) -> dict:
+    raw = load_files(
+        args.data_file, {"category": ["Tech", "Sports", "Politics"], "sentiment": ["Positive", "Negative", "Neutral"]}
+    )
+    multitask = tokenize(raw, tokenizer, args.max_seq_length)
+    single = multitask.map(lambda row: {"labels": row["labels"][1]})  # sentiment only, one integer label
+    padded = raw.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_seq_length, padding="max_length"),
+        batched=True,
+        remove_columns=["text"],
+    )
+    padded = padded.map(lambda row: {"labels": row["labels"][1]})
+    return {"texts": raw["text"][:], "multitask": multitask, "single": single, "single_padded": padded}
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:,.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"1x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}, {threads} threads"
+
+
+def main(argv=None) -> dict:
+    (args,) = parse_arguments(HfArgumentParser(SpeedArguments), argv)
+    setup_logging(logging.WARNING)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path(args))
+    data = prepare(args, tokenizer)
+    work = tempfile.mkdtemp(prefix="mtl-speed-")
+
+    training = []
+    for name, call in [
+        ("mtl MultiTaskTrainer, 2 tasks, dynamic padding", lambda: multitask_training(args, data, tokenizer, work)),
+        (
+            "Trainer + AutoModelForSequenceClassification, 1 task, dynamic padding",
+            lambda: single_task_training(args, data, tokenizer, work, pad_to_max=False),
+        ),
+        (
+            "Trainer + AutoModelForSequenceClassification, 1 task, padded to max length",
+            lambda: single_task_training(args, data, tokenizer, work, pad_to_max=True),
+        ),
+        (
+            "plain PyTorch loop, 1 task, padded to max length (seed style)",
+            lambda: plain_loop_training(args, data, tokenizer, work),
+        ),
+    ]:
+        samples, mib = call()
+        training.append({"system": name, "samples/s": samples, "peak MiB": mib})
+        logger.warning("%s: %.1f samples/s", name, samples)
+    ours = training[0]["samples/s"]
+    for row in training:
+        row["mtl speed-up"] = ours / row["samples/s"]
+
+    frozen = []
+    for cache in (False, True):
+        seconds, mib, model = frozen_training(args, data, tokenizer, work, cache)
+        frozen.append(
+            {
+                "system": f"freeze=encoder, {args.frozen_epochs} epochs, cache={cache}",
+                "seconds": seconds,
+                "peak MiB": mib,
+                **{f"{t} acc": a for t, a in accuracy(model, tokenizer, args).items()},
+            }
+        )
+    frozen[1]["speed-up"] = frozen[0]["seconds"] / frozen[1]["seconds"]
+    frozen[0]["speed-up"] = 1.0
+
+    predicting = inference(args, data["texts"])
+    predicting[0]["mtl speed-up"] = 1.0
+    predicting[1]["mtl speed-up"] = predicting[0]["samples/s"] / predicting[1]["samples/s"]
+
+    report = "\n\n".join(
+        [
+            table(training, ["system", "samples/s", "mtl speed-up", "peak MiB"]),
+            table(frozen, ["system", "seconds", "speed-up", "peak MiB", "category acc", "sentiment acc"]),
+            table(predicting, ["system", "samples/s", "mtl speed-up", "peak MiB"]),
+        ]
+    )
+    sys.stdout.write(report + "\n")
+    if args.results_file:
+        command = "python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        with open(args.results_file, "a", encoding="utf-8") as handle:
+            handle.write(f"\n### Speed, {datetime.date.today()}, {hardware()}\n\n`{command}`\n\n{report}\n")
+    return {"training": training, "frozen": frozen, "inference": predicting, "config": json.dumps(vars(args))}
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmark scripts on a tiny slice with the tiny model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+BENCH_FILES = {
+    "test_topic_bbc.jsonl": "category",
+    "xdomain_topic_agnews.jsonl": "category",
+    "test_sentiment_semeval2017.jsonl": "sentiment",
+    "xdomain_sentiment_fpb.jsonl": "sentiment",
+    "xdomain_sentiment_s140.jsonl": "sentiment",
+}
+
+
+@pytest.fixture
+def bench_dir(tmp_path) -> Path:
+    """The benchmark folder's layout: topic-only and sentiment-only rows, one task per test file."""
+    rows = make_rows(36)
+    train = [{**row, "sentiment": None} if i % 2 else {**row, "category": None} for i, row in enumerate(rows)]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "validation.jsonl", train[:12])
+    for name, task in BENCH_FILES.items():
+        other = "sentiment" if task == "category" else "category"
+        write_jsonl(tmp_path / name, [{**row, other: None} for row in rows[:9]])
+    return tmp_path
+
+
+def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir):
+    import accuracy
+
+    results = tmp_path / "RESULTS.md"
+    rows = accuracy.main(
+        [
+            "--data_dir",
+            str(bench_dir),
+            "--model_name_or_path",
+            str(tiny_encoder_dir),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_samples",
+            "8",
+            "--num_train_epochs",
+            "1",
+            "--frozen_epochs",
+            "1",
+            "--max_seq_length",
+            "32",
+            "--batch_size",
+            "4",
+            "--results_file",
+            str(results),
+        ]
+    )
+    assert [row["system"] for row in rows] == ["multitask", "single", "frozen"]
+    for row in rows:
+        for header, *_ in accuracy.COLUMNS:
+            assert 0.0 <= row[header] <= 100.0, (row["system"], header)
+        assert row["train_s"] > 0
+    # the per-task training subsets really hold at most 8 rows per task
+    subset = (tmp_path / "out" / "single-category" / "train.jsonl").read_text().splitlines()
+    assert len(subset) == 8 and all('"sentiment"' not in line for line in subset)
+    text = results.read_text()
+    assert "| multitask |" in text and "python benchmarks/accuracy.py" in text
+
+
+def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
+    import speed
+
+    results = tmp_path / "RESULTS.md"
+    report = speed.main(
+        [
+            "--model_name_or_path",
+            str(tiny_encoder_dir),
+            "--data_file",
+            str(data_dir / "train.jsonl"),
+            "--eval_file",
+            str(data_dir / "test.jsonl"),
+            "--batch_size",
+            "4",
+            "--max_seq_length",
+            "32",
+            "--train_steps",
+            "8",
+            "--warmup_steps",
+            "2",
+            "--frozen_epochs",
+            "2",
+            "--results_file",
+            str(results),
+        ]
+    )
+    assert len(report["training"]) == 4 and all(row["samples/s"] > 0 for row in report["training"])
+    assert report["training"][0]["mtl speed-up"] == 1.0
+    cached = report["frozen"][1]
+    assert cached["system"].endswith("cache=True") and cached["speed-up"] > 0
+    assert 0 <= cached["category acc"] <= 100
+    assert [row["samples/s"] > 0 for row in report["inference"]] == [True, True]
+    assert "### Speed" in results.read_text()
