@@ -40,13 +40,21 @@ class EvalArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Texts are truncated to this many tokens."})
     batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
     device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."},
+    )
 
 
 def main(argv=None) -> dict:
     (args,) = parse_arguments(HfArgumentParser(EvalArguments), argv)
     setup_logging()
     pipeline = MultiTaskPipeline.from_pretrained(
-        args.model_name_or_path, device=args.device, batch_size=args.batch_size, max_length=args.max_seq_length
+        args.model_name_or_path,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_seq_length,
+        allow_pickle=args.allow_pickle,
     )
     tasks = pipeline.tasks
     dataset = load_files(args.test_file, tasks, args.text_column)  # an unknown label is an error naming it

@@ -9,16 +9,18 @@ accelerate launch run_train.py ...                   # several processes / GPUs
 import logging
 import sys
 
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
+from mtl.checkpointing import resolve_checkpoint
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import MultiTaskDataCollator, drop_unlabelled, load_files, load_hub, require_labels, tokenize
-from mtl.freezing import parse_freeze
+from mtl.freezing import check_freeze
 from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
-from mtl.modeling import is_multitask_checkpoint, resolve_encoder_name
+from mtl.modeling import is_multitask_checkpoint, load_multitask_model, resolve_encoder_name
+from mtl.trainer import resolve_task_weights
 
 logger = logging.getLogger("run_train")
 
@@ -38,17 +40,23 @@ def main(argv=None) -> dict:
     setup_logging(level, library_level=training_args.get_process_log_level())
     set_seed(training_args.seed)
 
-    # 1. Tasks and label names come from the model: a saved mtl model's config, or --tasks for a new one.
+    # 1. Tasks and label names come from the model: a saved mtl model's config, or --tasks for a new one. The
+    #    options that depend on them are checked now, before any data or weights are read.
     source = resolve_encoder_name(model_args.model_name_or_path)
     continuing = is_multitask_checkpoint(source)
     if continuing and model_args.tasks:
         raise ValueError(f"--tasks cannot change the tasks of the saved mtl model {source!r}; leave it out.")
-    tasks = MultiTaskConfig.from_pretrained(source).tasks if continuing else model_args.parsed_tasks()
-    tasks = tasks or MultiTaskConfig().tasks
+    config = MultiTaskConfig.from_pretrained(source) if continuing else AutoConfig.from_pretrained(source)
+    tasks = config.tasks if continuing else model_args.parsed_tasks() or MultiTaskConfig().tasks
+    frozen = check_freeze(training_args.freeze, list(tasks))
+    resolve_task_weights(training_args, list(tasks))
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and data_args.max_seq_length > limit:
+        raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
 
     # 2. Read and check every data file before anything is written.
     train = load_split(data_args, tasks, "train", data_args.train_file)
-    frozen = set(parse_freeze(training_args.freeze))
     train_source = data_args.dataset_name or ", ".join(data_args.train_file)
     train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
@@ -63,14 +71,15 @@ def main(argv=None) -> dict:
 
     # 3. Model and tokenizer.
     if continuing:
-        model = MultiTaskModel.from_pretrained(source)
+        model = load_multitask_model(source, allow_pickle=model_args.allow_pickle)
     else:
         model = MultiTaskModel.from_encoder(
-            source, tasks=tasks, pooling=model_args.pooling, classifier_dropout=model_args.classifier_dropout
+            source,
+            tasks=tasks,
+            pooling=model_args.pooling,
+            classifier_dropout=model_args.classifier_dropout,
+            allow_pickle=model_args.allow_pickle,
         )
-    limit = model.config.max_position_embeddings
-    if limit and data_args.max_seq_length > limit:
-        raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
     tokenizer = AutoTokenizer.from_pretrained(source)
     with training_args.main_process_first(desc="tokenizing"):
         train, validation, test = (
@@ -87,9 +96,6 @@ def main(argv=None) -> dict:
         processing_class=tokenizer,
         data_collator=MultiTaskDataCollator(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None),
     )
-    resume = training_args.resume_from_checkpoint
-    if resume and resume.lower() in ("true", "latest"):  # the newest checkpoint in --output_dir
-        resume = True
     result = trainer.train(resume_from_checkpoint=resume)
     result.metrics["world_size"] = training_args.world_size  # processes that trained (accelerate launch)
     trainer.save_model()

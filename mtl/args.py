@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
 
 from .configuration import validate_tasks
@@ -35,6 +37,10 @@ class ModelArguments:
     )
     pooling: str = field(default="mean", metadata={"help": "Sentence pooling of a new model: 'mean' or 'cls'."})
     classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the task heads (new model)."})
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."},
+    )
 
     def parsed_tasks(self) -> dict[str, list[str]] | None:
         """The `--tasks` mapping, read from JSON text or a JSON/YAML file, validated."""
@@ -180,6 +186,13 @@ class MultiTaskTrainingArguments(TrainingArguments):
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}.")
         self._check_output_dir()
+        if self.hub_model_id:
+            try:  # also refuses '..' and other path tricks
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as error:
+                raise ValueError(
+                    f"--hub_model_id {self.hub_model_id!r} is not a valid repository id: {error}"
+                ) from None
         weights = self.task_weights
         if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
             raise ValueError(f"--task_weights must be non-negative with at least one above 0, got {weights}.")

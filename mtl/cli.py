@@ -11,6 +11,8 @@ import datasets
 import transformers
 from transformers import HfArgumentParser
 
+from .checkpointing import TrainingInterrupted
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
@@ -53,6 +55,9 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         sys.stderr.write(f"error: {message}\n")
         return 1
+    except TrainingInterrupted as stopped:
+        sys.stderr.write(f"error: {stopped}\n")
+        return 130
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130

@@ -54,12 +54,28 @@ def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int
         yield reader.line_num, dict(zip(header, fields, strict=True))
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refusing a key given twice (json would silently keep the last one)."""
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise DataError(f"duplicate key(s) {duplicates} in one object; give each column one name.")
+    return dict(pairs)
+
+
+def _parse_json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except DataError as error:
+        raise DataError(f"{path}: {where}: {error}") from None
+
+
 def _read_json_lines(text: str, path: Path) -> Iterator[tuple[int, dict]]:
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _parse_json(line, path, f"line {line_number}")
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: line {line_number} is not valid JSON ({error.msg}).") from None
         if not isinstance(record, dict):
@@ -70,7 +86,7 @@ def _read_json_lines(text: str, path: Path) -> Iterator[tuple[int, dict]]:
 def _read_json(text: str, path: Path) -> Iterator[tuple[int, dict]]:
     """A JSON array of objects (or {"data": [...]}); files that hold one object per line are read as JSON Lines."""
     try:
-        document = json.loads(text)
+        document = _parse_json(text, path, "the JSON document")
     except json.JSONDecodeError:
         yield from _read_json_lines(text, path)
         return

@@ -24,17 +24,23 @@ def parse_freeze(spec: str) -> list[str]:
     return parts
 
 
-def freeze_targets(model: nn.Module, spec: str) -> list[nn.Module]:
-    """The modules a spec freezes, checking each task name against the model's tasks."""
+def check_freeze(spec: str, task_names: list[str]) -> list[str]:
+    """The parts of a spec, each checked against the keywords and the model's task names."""
     parts = parse_freeze(spec)
+    allowed = [*FREEZE_KEYWORDS, *task_names]
+    unknown = [part for part in parts if part not in allowed]
+    if unknown:
+        raise ValueError(f"--freeze {spec!r}: unknown part(s) {unknown}; allowed values are {allowed}.")
+    return parts
+
+
+def freeze_targets(model: nn.Module, spec: str) -> list[nn.Module]:
+    """The modules a spec freezes."""
+    parts = check_freeze(spec, model.config.task_names)
     if parts == ["none"]:
         return []
     if parts == ["all"]:
         return [model]
-    allowed = ["none", "all", "encoder", *model.config.task_names]
-    unknown = [part for part in parts if part not in allowed]
-    if unknown:
-        raise ValueError(f"--freeze {spec!r}: unknown part(s) {unknown}; allowed values are {allowed}.")
     return [model.encoder if part == "encoder" else model.heads[part] for part in parts]
 
 

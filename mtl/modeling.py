@@ -163,9 +163,13 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         tasks: dict[str, list[str]] | None = None,
         pooling: str = "mean",
         classifier_dropout: float = 0.1,
+        allow_pickle: bool = False,
         **encoder_kwargs,
     ) -> "MultiTaskModel":
-        """Pretrained encoder weights (local path or Hub id; default: all-MiniLM-L6-v2) with fresh task heads."""
+        """Pretrained encoder weights (local path or Hub id; default: all-MiniLM-L6-v2) with fresh task heads.
+
+        Only safetensors weights are read unless `allow_pickle=True` (pickle files can run code when loaded).
+        """
         path = resolve_encoder_name(encoder_name_or_path)
         encoder_config = AutoConfig.from_pretrained(path, **encoder_kwargs)
         config = MultiTaskConfig(
@@ -177,13 +181,28 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         # The Trainer aligns the top-level pad id with the tokenizer's; take the encoder's so nothing needs fixing.
         config.pad_token_id = getattr(encoder_config, "pad_token_id", None)
         model = cls(config)
-        pretrained = _build_encoder(AutoModel.from_pretrained, path, config=encoder_config, **encoder_kwargs)
+        safetensors_only = None if allow_pickle else True
+        try:
+            pretrained = _build_encoder(
+                AutoModel.from_pretrained,
+                path,
+                config=encoder_config,
+                use_safetensors=safetensors_only,
+                **encoder_kwargs,
+            )
+        except OSError as error:
+            raise _weights_error(path, error) from None
         # The checkpoint may carry a pooler we do not build; everything we do build must come from the checkpoint.
         missing, _ = model.encoder.load_state_dict(pretrained.state_dict(), strict=False)
         if missing:
             raise ValueError(f"The encoder checkpoint {path!r} lacks weights for {missing[:5]}...")
         logger.info("Loaded encoder %s with fresh heads for tasks %s", path, list(config.tasks))
         return model
+
+    @classmethod
+    def from_pretrained(cls, *args, use_safetensors: bool | None = True, **kwargs) -> "MultiTaskModel":
+        """`PreTrainedModel.from_pretrained`, reading safetensors weights only unless `use_safetensors=None`."""
+        return super().from_pretrained(*args, use_safetensors=use_safetensors, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.get_input_embeddings()
@@ -275,11 +294,25 @@ def is_multitask_checkpoint(name_or_path: str | os.PathLike, **kwargs) -> bool:
         raise FileNotFoundError(f"Cannot read a model config from {str(name_or_path)!r}: {error}") from None
 
 
-def load_multitask_model(name_or_path: str | os.PathLike, **kwargs) -> MultiTaskModel:
-    """A saved mtl model from a directory or the Hub, with a clear error for anything else."""
+def load_multitask_model(name_or_path: str | os.PathLike, allow_pickle: bool = False, **kwargs) -> MultiTaskModel:
+    """A saved mtl model from a directory or the Hub (safetensors only unless `allow_pickle`), with a clear error
+    for anything else."""
     if not is_multitask_checkpoint(name_or_path, **kwargs):
         raise ValueError(
             f"{str(name_or_path)!r} is not an mtl model (its config.json has no model_type 'mtl'); pass a directory "
             "written by run_train.py or MultiTaskModel.save_pretrained."
         )
-    return MultiTaskModel.from_pretrained(name_or_path, **kwargs)
+    try:
+        return MultiTaskModel.from_pretrained(name_or_path, use_safetensors=None if allow_pickle else True, **kwargs)
+    except OSError as error:
+        raise _weights_error(name_or_path, error) from None
+
+
+def _weights_error(name_or_path, error: OSError) -> FileNotFoundError:
+    pickles = [p for p in ("pytorch_model.bin", "model.pt") if os.path.isfile(os.path.join(str(name_or_path), p))]
+    if pickles:
+        return FileNotFoundError(
+            f"{str(name_or_path)!r} has only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow_pickle if you trust the files."
+        )
+    return FileNotFoundError(f"{str(name_or_path)!r} has no model weights (model.safetensors): {error}")

@@ -53,9 +53,12 @@ class MultiTaskPipeline:
         self.max_length = min(max_length or limit, limit)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device=None, **kwargs) -> "MultiTaskPipeline":
-        """From a directory written by `run_train.py`/`save_pretrained`, or a Hub id."""
-        model = load_multitask_model(name_or_path)
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, device=None, allow_pickle: bool = False, **kwargs
+    ) -> "MultiTaskPipeline":
+        """From a directory written by `run_train.py`/`save_pretrained`, or a Hub id (safetensors weights only
+        unless `allow_pickle`)."""
+        model = load_multitask_model(name_or_path, allow_pickle=allow_pickle)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         return cls(model, tokenizer, device=device, **kwargs)
 

@@ -40,6 +40,10 @@ class PredictArguments:
     max_length: int | None = field(default=None, metadata={"help": "Truncate texts to this many tokens."})
     chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
     device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."},
+    )
 
 
 def _text(value, where: str) -> str:
@@ -121,7 +125,11 @@ def main(argv=None) -> int:
     if bool(positional.texts) == bool(args.input):
         raise ValueError("give either texts on the command line or --input FILE (one of them, not both).")
     clf = MultiTaskPipeline.from_pretrained(
-        positional.model, device=args.device, batch_size=args.batch_size, max_length=args.max_length
+        positional.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        allow_pickle=args.allow_pickle,
     )
     texts = iter(positional.texts) if positional.texts else iter_texts(args.input, args.text_column)
     first = next(texts, None)  # an empty input is an error before any output file exists

@@ -11,13 +11,28 @@ from transformers import Trainer
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
+from .checkpointing import GracefulStop, TrainingInterrupted, resolve_checkpoint
 from .data import MultiTaskDataCollator, label_matrix
-from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, parse_freeze
+from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, freeze_targets, parse_freeze
+from .hub import write_model_card
 from .metrics import build_compute_metrics
 from .modeling import labels_to_tensor, multitask_loss
 from .sampling import TaskMixingSampler, balanced_class_weights
 
 logger = logging.getLogger(__name__)
+
+
+def resolve_task_weights(args, task_names: list[str]) -> list[float]:
+    """One loss weight per task (default 1.0 each), with a clear error for a list of the wrong length."""
+    weights = getattr(args, "task_weights", None)
+    if weights is None:
+        return [1.0] * len(task_names)
+    if len(weights) != len(task_names):
+        raise ValueError(
+            f"--task_weights has {len(weights)} value(s) but the model has {len(task_names)} tasks "
+            f"{task_names}: give one weight per task, in that order."
+        )
+    return list(weights)
 
 
 class MultiTaskTrainer(Trainer):
@@ -34,28 +49,20 @@ class MultiTaskTrainer(Trainer):
     def __init__(self, model=None, args: MultiTaskTrainingArguments | None = None, **kwargs):
         if args is None:
             args = MultiTaskTrainingArguments()
+        # Checked against the model's tasks before the Trainer creates the output directory.
+        task_weights = resolve_task_weights(args, model.config.task_names)
+        freeze_targets(model, getattr(args, "freeze", "none"))
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator(kwargs["processing_class"])
         super().__init__(model=model, args=args, **kwargs)
         self.task_names = list(model.config.task_names)
-        self.task_weights = self._resolve_task_weights()
+        self.task_weights = task_weights
         self.class_weights = self._resolve_class_weights()
         self._apply_freezing()
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._task_loss_steps = 0
-
-    def _resolve_task_weights(self) -> list[float]:
-        weights = self.args.task_weights
-        if weights is None:
-            return [1.0] * len(self.task_names)
-        if len(weights) != len(self.task_names):
-            raise ValueError(
-                f"--task_weights has {len(weights)} value(s) but the model has {len(self.task_names)} tasks "
-                f"{self.task_names}: give one weight per task, in that order."
-            )
-        return list(weights)
 
     def _resolve_class_weights(self) -> list[torch.Tensor] | None:
         if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
@@ -92,7 +99,7 @@ class MultiTaskTrainer(Trainer):
             self.add_callback(UnfreezeEncoderCallback(after))
         apply_freeze(self.model, spec)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         trainable, _ = count_parameters(self.model)
         if trainable == 0:
             raise ValueError(
@@ -100,7 +107,19 @@ class MultiTaskTrainer(Trainer):
                 "--freeze none, encoder, or a task name instead."
             )
         self._cache_frozen_embeddings()
-        return super().train(*args, **kwargs)
+        resume = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        stopper = GracefulStop()
+        self.add_callback(stopper)
+        try:
+            result = super().train(resume_from_checkpoint=resume, **kwargs)
+        finally:
+            self.remove_callback(stopper)
+        if stopper.stopped_at is not None:
+            raise TrainingInterrupted(
+                f"training stopped by {stopper.requested} at step {stopper.stopped_at}; the checkpoint is in "
+                f"{self.args.output_dir}: run the same command with --resume_from_checkpoint latest to continue."
+            )
+        return result
 
     def _cache_frozen_embeddings(self) -> None:
         """With the encoder frozen for the whole run, embed the data once and train the heads on the embeddings."""
@@ -198,8 +217,6 @@ class MultiTaskTrainer(Trainer):
         `{"train": ["train.jsonl"], "validation": ["dev.jsonl"]}`."""
         if not self.is_world_process_zero():
             return
-        from .hub import write_model_card  # only needed here, when a card is written
-
         write_model_card(
             self,
             model_name=model_name,

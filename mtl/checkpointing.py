@@ -1,0 +1,98 @@
+"""Surviving interruptions: find the newest complete checkpoint to resume from, and stop cleanly on a signal.
+
+The Trainer writes a checkpoint's files one after the other and `trainer_state.json` last, so a checkpoint without
+it (or without weights) was cut short while saving: it is never picked for resuming.
+"""
+
+import logging
+import re
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKERS = ("trainer_state.json", "model.safetensors")
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return all((checkpoint / name).is_file() for name in COMPLETE_MARKERS)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`; incomplete ones are skipped with a warning."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    for _, checkpoint in sorted(found, reverse=True):
+        if is_complete(checkpoint):
+            return checkpoint
+        logger.warning("Skipping %s: it is incomplete (interrupted while saving).", checkpoint)
+    return None
+
+
+def resolve_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str | None:
+    """`True`/'latest' -> the newest complete checkpoint in `output_dir`; a path -> that checkpoint, checked."""
+    if resume is None or resume is False:
+        return None
+    if resume is True or str(resume).lower() in ("true", "latest"):
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}.")
+        return str(checkpoint)
+    checkpoint = Path(resume)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder.")
+    if not is_complete(checkpoint):
+        missing = [name for name in COMPLETE_MARKERS if not (checkpoint / name).is_file()]
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} is incomplete (missing {missing}; interrupted while saving?) "
+            "or not a training checkpoint; use an earlier checkpoint or --resume_from_checkpoint latest."
+        )
+    return str(checkpoint)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGINT or SIGTERM, finish the current step, save a checkpoint and end training.
+
+    In a distributed run every process must stop at the same step, so the request is agreed on (max over
+    processes) at each step end.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.stopped_at: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint after this step, then stopping.", self.requested)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.requested is not None
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor(float(requested), device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            self.requested = self.requested or "a signal on another process"
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

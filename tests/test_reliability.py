@@ -1,0 +1,267 @@
+"""Bad input, interrupted training and safe loading."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import run_eval
+import run_train
+from mtl import DEFAULT_TASKS, DataError, MultiTaskModel, MultiTaskTrainingArguments, load_files
+from mtl.checkpointing import latest_checkpoint, resolve_checkpoint
+from mtl.cli import run
+from mtl.modeling import load_multitask_model
+from tests.conftest import make_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the data loader never fails with anything but its own error ----
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=6,
+)
+label_values = st.sampled_from(["Tech", "tech", "Sports", "Positive", "Neutral", "", " ", None, 0, 2, 7, -1, True])
+rows = st.lists(
+    st.dictionaries(
+        st.sampled_from(["text", "category", "sentiment", "other"]), label_values | json_values, max_size=4
+    ),
+    min_size=0,
+    max_size=5,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=rows, raw=st.binary(max_size=60), suffix=st.sampled_from([".jsonl", ".json", ".csv", ".tsv"]))
+def test_random_rows_are_accepted_or_refused_clearly(tmp_path_factory, records, raw, suffix):
+    directory = tmp_path_factory.mktemp("random")
+    structured = directory / f"rows{suffix}"
+    if suffix in (".jsonl", ".json"):
+        text = "".join(json.dumps(r) + "\n" for r in records) if suffix == ".jsonl" else json.dumps(records)
+        structured.write_text(text)
+    else:
+        separator = "," if suffix == ".csv" else "\t"
+        columns = sorted({key for record in records for key in record}) or ["text"]
+        lines = [separator.join(columns)] + [separator.join(str(r.get(c, "")) for c in columns) for r in records]
+        structured.write_text("\n".join(lines) + "\n")
+    noise = directory / f"noise{suffix}"
+    noise.write_bytes(raw)
+    for path in (structured, noise):
+        try:
+            dataset = load_files(path, DEFAULT_TASKS)
+        except DataError as error:
+            assert str(path) in str(error)
+        else:
+            assert len(dataset) >= 1
+            assert all(text.strip() for text in dataset["text"][:])
+
+
+# ---- safe loading ----
+
+
+def to_pickle(directory: Path) -> None:
+    """Replace the safetensors weights with a pickle file holding the same state dict."""
+    state = load_file(directory / "model.safetensors")
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, tiny_model, tiny_tokenizer):
+    tiny_model.save_pretrained(tmp_path)
+    to_pickle(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"only pickle weights \(pytorch_model.bin\).*--allow_pickle"):
+        load_multitask_model(tmp_path)
+    loaded = load_multitask_model(tmp_path, allow_pickle=True).eval()
+    inputs = tiny_tokenizer(["the phone"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits[0], tiny_model.eval()(**inputs).logits[0])
+
+
+def test_pickle_encoders_are_refused_unless_allowed(tmp_path, tiny_encoder_dir):
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder_dir, encoder)
+    to_pickle(encoder)
+    with pytest.raises(FileNotFoundError, match="--allow_pickle"):
+        MultiTaskModel.from_encoder(encoder)
+    assert MultiTaskModel.from_encoder(encoder, allow_pickle=True).config.encoder.hidden_size == 32
+
+
+def test_no_torch_load_without_weights_only():
+    sources = [*ROOT.glob("mtl/*.py"), *ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]
+    for source in sources:
+        for call in re.findall(r"torch\.load\([^)]*\)", source.read_text()):
+            assert "weights_only=True" in call, f"{source.name}: {call}"
+
+
+def test_path_tricks_are_refused():
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        MultiTaskTrainingArguments(output_dir="unused", hub_model_id="../outside")
+    with pytest.raises(ValueError, match="not allowed"):
+        from mtl import MultiTaskConfig
+
+        MultiTaskConfig(tasks={"../x": ["a", "b"]})
+
+
+def test_not_an_mtl_model_or_missing_weights(tmp_path, tiny_encoder_dir, tiny_model, capsys):
+    assert run(run_eval.main, ["--model_name_or_path", str(tiny_encoder_dir), "--output_dir", str(tmp_path)]) == 1
+    assert "is not an mtl model" in capsys.readouterr().err
+    tiny_model.save_pretrained(tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no model weights"):
+        load_multitask_model(tmp_path / "broken")
+
+
+# ---- bad arguments: one line, nothing written ----
+
+
+def flags(encoder, data_dir, output, *extra):
+    return [
+        "--model_name_or_path",
+        str(encoder),
+        "--train_file",
+        str(data_dir / "train.jsonl"),
+        "--validation_file",
+        str(data_dir / "validation.jsonl"),
+        "--test_file",
+        "",
+        "--output_dir",
+        str(output),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_seq_length",
+        "32",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--learning_rate",
+        "3e-3",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--freeze", "colour"], "unknown part(s) ['colour']"),
+        (["--task_weights", "1", "2", "3"], "--task_weights has 3 value(s)"),
+        (["--task_weights", "1", "-2"], "--task_weights must be non-negative"),
+        (["--max_seq_length", "512"], "exceeds the encoder's limit of 64"),
+        (["--resume_from_checkpoint", "/nowhere/checkpoint-3"], "no such checkpoint folder"),
+    ],
+)
+def test_bad_arguments(tmp_path, tiny_encoder_dir, data_dir, capsys, extra, message):
+    output = tmp_path / "out"
+    assert run(run_train.main, flags(tiny_encoder_dir, data_dir, output, *extra)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1  # checked before any loading
+    assert not output.exists()
+
+
+# ---- interrupted training ----
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (checkpoint / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert resolve_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-10")
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-15"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_checkpoint(True, tmp_path / "checkpoint-15")
+
+
+def long_run(encoder, data_dir, output) -> list[str]:
+    return [
+        sys.executable,
+        "run_train.py",
+        *flags(
+            encoder,
+            data_dir,
+            output,
+            "--max_steps",
+            "400",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "20",
+            "--save_total_limit",
+            "3",
+            "--eval_strategy",
+            "no",
+            "--seed",
+            "11",
+            "--logging_steps",
+            "50",
+        ),
+    ]
+
+
+def interrupt(command: list[str], output: Path, send: signal.Signals) -> subprocess.CompletedProcess:
+    """Start training, wait for its first checkpoint, then send `send` mid-run."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(output) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    process.send_signal(send)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory, tiny_encoder_dir):
+    """The model from an uninterrupted run of the same command."""
+    data_dir = tmp_path_factory.mktemp("data")
+    write_jsonl(data_dir / "train.jsonl", make_rows(36))
+    write_jsonl(data_dir / "validation.jsonl", make_rows(12))
+    output = data_dir / "uninterrupted"
+    subprocess.run(long_run(tiny_encoder_dir, data_dir, output), cwd=ROOT, check=True, capture_output=True)
+    return data_dir, weights(output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("send", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_encoder_dir, reference_weights, send):
+    data_dir, expected = reference_weights
+    output = tmp_path / "run"
+    command = long_run(tiny_encoder_dir, data_dir, output)
+    stopped = interrupt(command, output, send)
+    if send == signal.SIGKILL:
+        assert stopped.returncode == -signal.SIGKILL
+    else:  # a clean stop: checkpoint saved at the current step, one clear line, exit 130
+        assert stopped.returncode == 130, stopped.stderr[-2000:]
+        assert "--resume_from_checkpoint latest" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not (output / "model.safetensors").exists()  # no final model from an interrupted run
+    step = int(latest_checkpoint(output).name.split("-")[1])
+    assert 0 < step < 400
+    resumed = subprocess.run(
+        [*command, "--resume_from_checkpoint", "latest"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 400
+    final = weights(output)
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
