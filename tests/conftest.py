@@ -42,6 +42,19 @@ def make_rows(n: int = 36) -> list[dict]:
     return rows
 
 
+def train_flags(encoder, data_dir: Path, output_dir: Path, *extra: str, test_file: bool = True) -> list[str]:
+    """run_train.py flags for a quick CPU run of the tiny model on `data_dir`'s files; `extra` flags win."""
+    test = str(data_dir / "test.jsonl") if test_file else ""
+    # fmt: off
+    return [
+        "--model_name_or_path", str(encoder), "--train_file", str(data_dir / "train.jsonl"),
+        "--validation_file", str(data_dir / "validation.jsonl"), "--test_file", test, "--output_dir", str(output_dir),
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--use_cpu",
+        "--disable_tqdm", "true", "--max_seq_length", "32", *extra,
+    ]
+    # fmt: on
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

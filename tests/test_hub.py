@@ -20,9 +20,8 @@ from transformers import AutoTokenizer
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainingArguments
 from mtl.hub import base_model_id, build_model_card, detach_hub_push, latest_metrics
 from mtl.modeling import DEFAULT_ENCODER_HUB_ID, default_encoder_path
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import make_rows, train_flags, write_jsonl
 from tests.hub_server import HubServer
-from tests.test_run_train import train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_secretTOKEN123"

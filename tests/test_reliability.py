@@ -21,7 +21,7 @@ from mtl import DEFAULT_TASKS, DataError, MultiTaskModel, MultiTaskTrainingArgum
 from mtl.checkpointing import latest_checkpoint, resolve_checkpoint
 from mtl.cli import run
 from mtl.modeling import load_multitask_model
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import make_rows, train_flags, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,30 +127,7 @@ def test_not_an_mtl_model_or_missing_weights(tmp_path, tiny_encoder_dir, tiny_mo
 
 
 def flags(encoder, data_dir, output, *extra):
-    return [
-        "--model_name_or_path",
-        str(encoder),
-        "--train_file",
-        str(data_dir / "train.jsonl"),
-        "--validation_file",
-        str(data_dir / "validation.jsonl"),
-        "--test_file",
-        "",
-        "--output_dir",
-        str(output),
-        "--num_train_epochs",
-        "1",
-        "--per_device_train_batch_size",
-        "4",
-        "--max_seq_length",
-        "32",
-        "--use_cpu",
-        "--disable_tqdm",
-        "true",
-        "--learning_rate",
-        "3e-3",
-        *extra,
-    ]
+    return train_flags(encoder, data_dir, output, "--num_train_epochs", "1", *extra, test_file=False)
 
 
 @pytest.mark.parametrize(

@@ -12,37 +12,10 @@ from safetensors.torch import load_file
 import run_eval
 import run_train
 from mtl.cli import run
-from tests.conftest import write_jsonl
+from tests.conftest import train_flags, write_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def train_flags(encoder, data_dir, output_dir, *extra):
-    return [
-        "--model_name_or_path",
-        str(encoder),
-        "--train_file",
-        str(data_dir / "train.jsonl"),
-        "--validation_file",
-        str(data_dir / "validation.jsonl"),
-        "--test_file",
-        str(data_dir / "test.jsonl"),
-        "--output_dir",
-        str(output_dir),
-        "--num_train_epochs",
-        "2",
-        "--per_device_train_batch_size",
-        "8",
-        "--learning_rate",
-        "3e-3",
-        "--use_cpu",
-        "--disable_tqdm",
-        "true",
-        "--max_seq_length",
-        "32",
-        *extra,
-    ]
 
 
 def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
