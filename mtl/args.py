@@ -150,7 +150,17 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate of the Adam optimizer."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
-    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (adamw_torch with no decay is Adam)."})
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "Optimizer (adamw_torch with no decay is Adam; on a GPU its fused kernel is used)."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: on when the GPU supports it, off on CPU."},
+    )
+    dataloader_num_workers: int | None = field(
+        default=None, metadata={"help": "Data loading worker processes. Default: 2 on a GPU, 0 on CPU."}
+    )
     lr_scheduler_type: str = field(
         default=STEP_SCHEDULER,
         metadata={
@@ -169,6 +179,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log losses every N optimizer steps."})
 
     def __post_init__(self):
+        self._gpu_defaults()
         # TrainingArguments only knows transformers' schedulers: validate 'step' here and build it in the trainer.
         use_step = self.lr_scheduler_type == STEP_SCHEDULER
         if use_step:
@@ -207,6 +218,16 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"--lr_step_epochs must be positive, got {self.lr_step_epochs}.")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"--lr_gamma must be in (0, 1], got {self.lr_gamma}.")
+
+    def _gpu_defaults(self) -> None:
+        """The fast GPU path unless the user chose otherwise: bf16 autocast, fused Adam, loader workers."""
+        gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.bf16 is None:
+            self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
+        if self.dataloader_num_workers is None:
+            self.dataloader_num_workers = 2 if gpu else 0
+        if gpu and self.optim == "adamw_torch":
+            self.optim = "adamw_torch_fused"
 
     def _check_output_dir(self) -> None:
         """Refuse to overwrite a trained model by accident (resuming into the same directory is fine)."""

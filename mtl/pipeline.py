@@ -49,6 +49,8 @@ class MultiTaskPipeline:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # bf16 autocast on GPUs that support it: about twice the throughput, labels unchanged in practice.
+        self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         limit = model.config.max_position_embeddings or 512
         self.max_length = min(max_length or limit, limit)
 
@@ -79,7 +81,9 @@ class MultiTaskPipeline:
             batch = self.tokenizer.pad(
                 [{key: values[i] for key, values in encoded.items()} for i in rows], return_tensors="pt"
             ).to(self.device)
-            for output, logits in zip(outputs, self.model(**batch).logits, strict=True):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits_per_task = self.model(**batch).logits
+            for output, logits in zip(outputs, logits_per_task, strict=True):
                 output[rows] = logits.float().cpu().numpy()
         return outputs
 
