@@ -12,7 +12,10 @@ Same texts, encoder, batch size and hardware for every system:
 Peak memory is the peak resident set (CPU) or allocated memory (GPU) above the level before each system ran.
 """
 
+import contextlib
+import ctypes
 import datetime
+import gc
 import json
 import logging
 import os
@@ -66,10 +69,20 @@ class SpeedArguments:
     results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
 
 
+def release_memory() -> None:
+    """Give freed memory back to the OS, so that the next system's peak is not hidden by the last one's leftovers."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory above the starting level while the block runs (RSS sampled every 20 ms on CPU)."""
 
     def __enter__(self):
+        release_memory()
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             torch.cuda.synchronize()
