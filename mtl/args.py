@@ -133,6 +133,15 @@ class MultiTaskTrainingArguments(TrainingArguments):
             "train the heads on the embeddings instead of running the encoder every epoch."
         },
     )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={
+            "help": "'group_by_length' (default: batches of similar lengths, so little padding is computed; still "
+            "shuffled), 'random', 'sequential' or 'batch_rebalance'. --task_mixing other than proportional "
+            "replaces it.",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
+        },
+    )
     task_mixing: str = field(
         default="proportional",
         metadata={
@@ -151,8 +160,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate of the Adam optimizer."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
     optim: str = field(
-        default="adamw_torch",
-        metadata={"help": "Optimizer (adamw_torch with no decay is Adam; on a GPU its fused kernel is used)."},
+        default="adamw_torch_fused",
+        metadata={"help": "Optimizer: AdamW in torch's fused kernel (CPU and GPU); with no weight decay it is Adam."},
     )
     bf16: bool | None = field(
         default=None,
@@ -220,14 +229,12 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"--lr_gamma must be in (0, 1], got {self.lr_gamma}.")
 
     def _gpu_defaults(self) -> None:
-        """The fast GPU path unless the user chose otherwise: bf16 autocast, fused Adam, loader workers."""
+        """The fast GPU path unless the user chose otherwise: bf16 autocast and data loading workers."""
         gpu = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = 2 if gpu else 0
-        if gpu and self.optim == "adamw_torch":
-            self.optim = "adamw_torch_fused"
 
     def _check_output_dir(self) -> None:
         """Refuse to overwrite a trained model by accident (resuming into the same directory is fine)."""

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from .configuration import MultiTaskConfig
 
@@ -182,6 +183,10 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         config.pad_token_id = getattr(encoder_config, "pad_token_id", None)
         model = cls(config)
         safetensors_only = None if allow_pickle else True
+        # transformers reports the checkpoint's [CLS] pooler, which we do not build, as "unexpected": expected here,
+        # and missing weights are checked below, so its load report is silenced.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             pretrained = _build_encoder(
                 AutoModel.from_pretrained,
@@ -192,6 +197,8 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             )
         except OSError as error:
             raise _weights_error(path, error) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
         # The checkpoint may carry a pooler we do not build; everything we do build must come from the checkpoint.
         missing, _ = model.encoder.load_state_dict(pretrained.state_dict(), strict=False)
         if missing:

@@ -7,7 +7,9 @@ from collections import defaultdict
 import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import RandomSampler
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
@@ -63,6 +65,7 @@ class MultiTaskTrainer(Trainer):
         self._apply_freezing()
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._task_loss_steps = 0
+        self._token_lengths: list[int] | None = None  # of the training rows, kept when their embeddings are cached
 
     def _resolve_class_weights(self) -> list[torch.Tensor] | None:
         if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
@@ -78,6 +81,13 @@ class MultiTaskTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         strategy = getattr(self.args, "task_mixing", "proportional")
         if strategy == "proportional" or dataset is None or "labels" not in dataset.column_names:
+            cached = dataset is not None and "input_ids" not in dataset.column_names
+            if cached and self.args.train_sampling_strategy == "group_by_length":
+                if self._token_lengths is None:
+                    return RandomSampler(dataset)
+                # Grouped by the rows' token lengths as before caching, so batches match an uncached run's.
+                batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+                return LengthGroupedSampler(batch, lengths=self._token_lengths)
             return super()._get_train_sampler(train_dataset)
         sampler = TaskMixingSampler(label_matrix(dataset), strategy, self.args.mixing_temperature, seed=self.args.seed)
         shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
@@ -134,6 +144,7 @@ class MultiTaskTrainer(Trainer):
         batch_size = self.args.per_device_eval_batch_size
         with self.args.main_process_first(desc="caching frozen-encoder embeddings"):
             if self.train_dataset is not None and EMBEDDINGS_COLUMN not in self.train_dataset.column_names:
+                self._token_lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
                 self.train_dataset = cache_embeddings(self.model, self.train_dataset, batch_size)
             if isinstance(self.eval_dataset, Dataset) and EMBEDDINGS_COLUMN not in self.eval_dataset.column_names:
                 self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)

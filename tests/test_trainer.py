@@ -71,7 +71,7 @@ def test_seed_defaults():
     assert args.learning_rate == 1e-4
     assert args.weight_decay == 0.0
     assert args.lr_scheduler_type == "step"
-    assert args.optim == "adamw_torch"  # with no weight decay: Adam
+    assert args.optim == "adamw_torch_fused"  # with no weight decay: Adam
 
 
 def test_evaluation_reports_each_task(tiny_model, make_trainer):
