@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .modeling import IGNORE_INDEX
 
@@ -75,6 +76,20 @@ class TaskMixingSampler(Sampler[int]):
                 cursors[task] = 0
             yield int(orders[task][cursors[task]])
             cursors[task] += 1
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped shuffle (batches of similar lengths, little padding), seeded by (seed, epoch)
+    instead of the global random state: a run resumed mid-epoch replays that epoch's order, and every process of a
+    distributed run draws the same one."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int = 0):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
 def balanced_class_weights(labels: np.ndarray, num_labels: list[int]) -> list[torch.Tensor]:

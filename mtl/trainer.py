@@ -7,9 +7,8 @@ from collections import defaultdict
 import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import RandomSampler
+from torch.utils.data import RandomSampler, SequentialSampler
 from transformers import Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
@@ -19,7 +18,7 @@ from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, f
 from .hub import write_model_card
 from .metrics import build_compute_metrics
 from .modeling import labels_to_tensor, multitask_loss
-from .sampling import TaskMixingSampler, balanced_class_weights
+from .sampling import EpochSeededLengthGroupedSampler, TaskMixingSampler, balanced_class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +80,26 @@ class MultiTaskTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         strategy = getattr(self.args, "task_mixing", "proportional")
         if strategy == "proportional" or dataset is None or "labels" not in dataset.column_names:
-            cached = dataset is not None and "input_ids" not in dataset.column_names
-            if cached and self.args.train_sampling_strategy == "group_by_length":
-                if self._token_lengths is None:
-                    return RandomSampler(dataset)
-                # Grouped by the rows' token lengths as before caching, so batches match an uncached run's.
-                batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-                return LengthGroupedSampler(batch, lengths=self._token_lengths)
-            return super()._get_train_sampler(train_dataset)
+            if dataset is None or self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            # Cached embeddings keep the token lengths their rows had, so batches match an uncached run's.
+            if "input_ids" in dataset.column_names:
+                lengths = [len(ids) for ids in dataset["input_ids"]]
+            else:
+                lengths = self._token_lengths
+            if lengths is None:
+                return RandomSampler(dataset)
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return EpochSeededLengthGroupedSampler(batch, lengths, seed=self.args.seed)
         sampler = TaskMixingSampler(label_matrix(dataset), strategy, self.args.mixing_temperature, seed=self.args.seed)
         shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
         logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
         return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        if eval_dataset is not None and "input_ids" not in getattr(eval_dataset, "column_names", ["input_ids"]):
+            return SequentialSampler(eval_dataset)  # cached embeddings: no token lengths to group by
+        return super()._get_eval_sampler(eval_dataset)
 
     def _apply_freezing(self) -> None:
         spec = getattr(self.args, "freeze", "none")

@@ -105,3 +105,27 @@ def test_class_weights_reach_the_loss(tiny_model, make_trainer):
     trainer = make_trainer(tiny_model, rows=rows[:20], class_weights="balanced")
     assert [len(w) for w in trainer.class_weights] == [3, 3]
     assert not torch.allclose(trainer.class_weights[0], torch.ones(3))
+
+
+def test_length_grouped_order_depends_only_on_seed_and_epoch():
+    from mtl.sampling import EpochSeededLengthGroupedSampler
+
+    lengths = [(i * 7) % 40 + 1 for i in range(200)]
+    a, b = EpochSeededLengthGroupedSampler(16, lengths, seed=3), EpochSeededLengthGroupedSampler(16, lengths, seed=3)
+    torch.manual_seed(123)  # the global random state must not matter (a resumed run restores another one)
+    first = list(a)
+    torch.manual_seed(999)
+    assert list(b) == first and sorted(first) == list(range(200))
+    b.set_epoch(1)
+    assert list(b) != first
+    # batches hold similar lengths: far less padding than a plain shuffle
+    padded = sum(16 * max(lengths[i] for i in first[k : k + 16]) for k in range(0, 200, 16))
+    shuffled = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()
+    padded_shuffle = sum(16 * max(lengths[i] for i in shuffled[k : k + 16]) for k in range(0, 200, 16))
+    assert padded < 0.8 * padded_shuffle
+
+
+def test_trainer_groups_by_length_by_default(tiny_model, make_trainer):
+    from mtl.sampling import EpochSeededLengthGroupedSampler
+
+    assert isinstance(make_trainer(tiny_model)._get_train_sampler(), EpochSeededLengthGroupedSampler)
