@@ -5,7 +5,6 @@ embedding once (length-sorted batches, no gradients), stores them in the `datase
 encoder weights and the token ids, and trains the heads on them.
 """
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import xxhash
 from tqdm.auto import tqdm
 
 from .modeling import MultiTaskModel
@@ -29,7 +29,7 @@ def default_cache_dir() -> Path:
 
 def fingerprint(model: MultiTaskModel, dataset: datasets.Dataset) -> str:
     """Changes whenever the encoder weights, the pooling or the token ids change."""
-    digest = hashlib.sha256(model.config.pooling.encode())
+    digest = xxhash.xxh3_128(model.config.pooling.encode())  # fast enough to hash the weights at every run
     for name, tensor in model.encoder.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -80,4 +80,5 @@ def cache_embeddings(
         partial.replace(path)  # never a half-written cache file
         logger.info("Frozen-encoder embeddings of %d rows cached in %s", len(embeddings), path)
     kept = dataset.remove_columns([c for c in TOKEN_COLUMNS if c in dataset.column_names])
-    return kept.add_column(EMBEDDINGS_COLUMN, list(embeddings))
+    # numpy rows: batches of cached embeddings are collated by stacking arrays, not by converting float lists.
+    return kept.add_column(EMBEDDINGS_COLUMN, list(embeddings)).with_format("numpy")

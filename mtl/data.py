@@ -250,5 +250,5 @@ class MultiTaskDataCollator:
         embeddings = np.asarray([f["pooled_embeddings"] for f in features], dtype=np.float32)
         batch = {"pooled_embeddings": torch.from_numpy(embeddings)}
         if "labels" in features[0]:
-            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+            batch["labels"] = torch.from_numpy(np.asarray([f["labels"] for f in features], dtype=np.int64))
         return batch

@@ -215,9 +215,15 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         return self.encoder.get_input_embeddings()
 
     def train(self, mode: bool = True) -> "MultiTaskModel":
-        super().train(mode)
         # A frozen encoder is a fixed feature extractor: no dropout, so its output is deterministic (and cacheable).
-        if not any(p.requires_grad for p in self.encoder.parameters()):
+        # The Trainer calls this every step, so a frozen encoder is not walked twice (train, then eval) each time.
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            return super().train(mode)
+        self.training = mode
+        for child in self.children():
+            if child is not self.encoder:
+                child.train(mode)
+        if self.encoder.training:
             self.encoder.eval()
         return self
 

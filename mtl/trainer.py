@@ -148,7 +148,7 @@ class MultiTaskTrainer(Trainer):
             logger.warning("Frozen-encoder embeddings are not cached: the data collator is not MultiTaskDataCollator.")
             return
         self.model.to(self.args.device)
-        batch_size = self.args.per_device_eval_batch_size
+        batch_size = self.args.per_device_train_batch_size  # the batch size the encoder would have run at
         with self.args.main_process_first(desc="caching frozen-encoder embeddings"):
             if self.train_dataset is not None and EMBEDDINGS_COLUMN not in self.train_dataset.column_names:
                 self._token_lengths = [len(ids) for ids in self.train_dataset["input_ids"]]

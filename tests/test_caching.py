@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -47,7 +48,7 @@ def test_embeddings_come_from_the_cache_the_second_time(tiny_model, tiny_tokeniz
 
     monkeypatch.setattr(mtl.caching, "compute_embeddings", fail)
     second = cache_embeddings(tiny_model, dataset)
-    assert second[EMBEDDINGS_COLUMN][:] == first[EMBEDDINGS_COLUMN][:]
+    np.testing.assert_array_equal(second[EMBEDDINGS_COLUMN][:], first[EMBEDDINGS_COLUMN][:])
     assert "input_ids" not in second.column_names and "labels" in second.column_names
 
 
