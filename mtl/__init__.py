@@ -12,6 +12,7 @@ from .modeling import (
     load_multitask_model,
     register_auto_classes,
 )
+from .pipeline import MultiTaskPipeline
 from .trainer import MultiTaskTrainer
 
 register_auto_classes()
@@ -27,6 +28,7 @@ __all__ = [
     "MultiTaskConfig",
     "MultiTaskModel",
     "MultiTaskOutput",
+    "MultiTaskPipeline",
     "MultiTaskPreTrainedModel",
     "MultiTaskTrainer",
     "MultiTaskTrainingArguments",

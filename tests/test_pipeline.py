@@ -34,6 +34,13 @@ def test_results_follow_input_order_and_match_unbatched(clf, tiny_model, tiny_to
                 np.testing.assert_allclose(task_logits[i], expected[0].numpy(), atol=1e-5)
 
 
+def test_public_import(saved_model):
+    from mtl import MultiTaskPipeline as Exported
+
+    assert Exported is MultiTaskPipeline
+    assert Exported.from_pretrained(saved_model, device="cpu")(["the vote"])[0]["text"] == "the vote"
+
+
 def test_labels_and_scores(clf):
     results = clf(TEXTS)
     assert [r["text"] for r in results] == TEXTS
