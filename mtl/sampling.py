@@ -51,6 +51,8 @@ class TaskMixingSampler(Sampler[int]):
         temperature: float = 2.0,
         seed: int = 0,
         num_samples: int | None = None,
+        lengths: list[int] | None = None,
+        batch_size: int = 32,
     ):
         labels = np.asarray(labels)
         self.pools = [np.flatnonzero(labels[:, task] != IGNORE_INDEX) for task in range(labels.shape[1])]
@@ -58,6 +60,8 @@ class TaskMixingSampler(Sampler[int]):
         self.num_samples = num_samples or len(labels)
         self.seed = seed
         self.epoch = 0
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.batch_size = batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -70,12 +74,21 @@ class TaskMixingSampler(Sampler[int]):
         tasks = rng.choice(len(self.pools), size=self.num_samples, p=self.probabilities)
         cursors = [0] * len(self.pools)
         orders = [rng.permutation(pool) for pool in self.pools]
-        for task in tasks:
+        drawn = np.empty(self.num_samples, dtype=np.int64)
+        for position, task in enumerate(tasks):
             if cursors[task] == len(orders[task]):  # pool exhausted: reshuffle it
                 orders[task] = rng.permutation(self.pools[task])
                 cursors[task] = 0
-            yield int(orders[task][cursors[task]])
+            drawn[position] = orders[task][cursors[task]]
             cursors[task] += 1
+        if self.lengths is not None:
+            # Sort each stretch of 50 batches by length: the mix within the stretch is kept, but long texts (news)
+            # and short ones (tweets) no longer share a batch and pad each other.
+            stretch = 50 * self.batch_size
+            for start in range(0, len(drawn), stretch):
+                part = drawn[start : start + stretch]
+                drawn[start : start + stretch] = part[np.argsort(-self.lengths[part], kind="stable")]
+        yield from drawn.tolist()
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):

@@ -91,7 +91,15 @@ class MultiTaskTrainer(Trainer):
                 return RandomSampler(dataset)
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return EpochSeededLengthGroupedSampler(batch, lengths, seed=self.args.seed)
-        sampler = TaskMixingSampler(label_matrix(dataset), strategy, self.args.mixing_temperature, seed=self.args.seed)
+        grouped = self.args.train_sampling_strategy == "group_by_length" and "input_ids" in dataset.column_names
+        sampler = TaskMixingSampler(
+            label_matrix(dataset),
+            strategy,
+            self.args.mixing_temperature,
+            seed=self.args.seed,
+            lengths=[len(ids) for ids in dataset["input_ids"]] if grouped else None,
+            batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+        )
         shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
         logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
         return sampler

@@ -129,3 +129,22 @@ def test_trainer_groups_by_length_by_default(tiny_model, make_trainer):
     from mtl.sampling import EpochSeededLengthGroupedSampler
 
     assert isinstance(make_trainer(tiny_model)._get_train_sampler(), EpochSeededLengthGroupedSampler)
+
+
+def test_mixing_with_lengths_keeps_the_mix_and_cuts_padding():
+    # topic rows are long (news), sentiment rows short (tweets)
+    lengths = [120 if i < N_TOPIC else 12 + i % 20 for i in range(N_TOPIC + N_SENTIMENT)]
+    plain = TaskMixingSampler(partial_labels(), "round_robin", seed=4)
+    grouped = TaskMixingSampler(partial_labels(), "round_robin", seed=4, lengths=lengths, batch_size=8)
+    a, b = list(plain), list(grouped)
+    stretch = 50 * 8
+    for start in range(0, len(a), stretch):  # the same rows in every stretch of 50 batches, only reordered
+        assert sorted(a[start : start + stretch]) == sorted(b[start : start + stretch])
+
+    def padded_tokens(order):
+        return sum(8 * max(lengths[i] for i in order[k : k + 8]) for k in range(0, len(order), 8))
+
+    assert padded_tokens(b) < 0.7 * padded_tokens(a)
+    shards = [list(BatchSamplerShard(BatchSampler(grouped, 8, False), 2, rank)) for rank in range(2)]
+    for shard in shards:
+        assert topic_share(i for batch in shard for i in batch) == pytest.approx(0.5, abs=0.05)
