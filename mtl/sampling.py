@@ -82,13 +82,19 @@ class TaskMixingSampler(Sampler[int]):
             drawn[position] = orders[task][cursors[task]]
             cursors[task] += 1
         if self.lengths is not None:
-            # Sort each stretch of 50 batches by length: the mix within the stretch is kept, but long texts (news)
-            # and short ones (tweets) no longer share a batch and pad each other.
-            stretch = 50 * self.batch_size
-            for start in range(0, len(drawn), stretch):
-                part = drawn[start : start + stretch]
-                drawn[start : start + stretch] = part[np.argsort(-self.lengths[part], kind="stable")]
+            drawn = self._group_by_length(drawn, rng)
         yield from drawn.tolist()
+
+    def _group_by_length(self, drawn: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Within each stretch of 50 batches, cut batches of similar lengths, then shuffle the batches: the mix is
+        kept, long texts (news) and short ones (tweets) no longer pad each other, and tasks still alternate."""
+        stretch = 50 * self.batch_size
+        for start in range(0, len(drawn), stretch):
+            part = drawn[start : start + stretch]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches = [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+            drawn[start : start + stretch] = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+        return drawn
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):

@@ -145,6 +145,11 @@ def test_mixing_with_lengths_keeps_the_mix_and_cuts_padding():
         return sum(8 * max(lengths[i] for i in order[k : k + 8]) for k in range(0, len(order), 8))
 
     assert padded_tokens(b) < 0.7 * padded_tokens(a)
-    shards = [list(BatchSamplerShard(BatchSampler(grouped, 8, False), 2, rank)) for rank in range(2)]
-    for shard in shards:
-        assert topic_share(i for batch in shard for i in batch) == pytest.approx(0.5, abs=0.05)
+    # Batches are now whole-task chunks, so one epoch's per-process share varies more: average over epochs.
+    for rank in range(2):
+        shares = []
+        for epoch in range(10):
+            grouped.set_epoch(epoch)
+            shard = BatchSamplerShard(BatchSampler(grouped, 8, False), 2, rank)
+            shares.append(topic_share(i for batch in shard for i in batch))
+        assert np.mean(shares) == pytest.approx(0.5, abs=0.03)
