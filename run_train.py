@@ -9,7 +9,7 @@ accelerate launch run_train.py ...                   # several processes / GPUs
 import logging
 import sys
 
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
@@ -19,7 +19,7 @@ from mtl.data import MultiTaskDataCollator, drop_unlabelled, load_files, load_hu
 from mtl.freezing import check_freeze
 from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
-from mtl.modeling import is_multitask_checkpoint, load_multitask_model, resolve_encoder_name
+from mtl.modeling import load_config, load_multitask_model, resolve_encoder_name
 from mtl.trainer import resolve_task_weights
 
 logger = logging.getLogger("run_train")
@@ -43,10 +43,10 @@ def main(argv=None) -> dict:
     # 1. Tasks and label names come from the model: a saved mtl model's config, or --tasks for a new one. The
     #    options that depend on them are checked now, before any data or weights are read.
     source = resolve_encoder_name(model_args.model_name_or_path)
-    continuing = is_multitask_checkpoint(source)
+    config = load_config(source)
+    continuing = isinstance(config, MultiTaskConfig)
     if continuing and model_args.tasks:
         raise ValueError(f"--tasks cannot change the tasks of the saved mtl model {source!r}; leave it out.")
-    config = MultiTaskConfig.from_pretrained(source) if continuing else AutoConfig.from_pretrained(source)
     tasks = config.tasks if continuing else model_args.parsed_tasks() or MultiTaskConfig().tasks
     frozen = check_freeze(training_args.freeze, list(tasks))
     resolve_task_weights(training_args, list(tasks))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
@@ -299,10 +299,11 @@ def register_auto_classes() -> None:
     MultiTaskModel.register_for_auto_class("AutoModel")
 
 
-def is_multitask_checkpoint(name_or_path: str | os.PathLike, **kwargs) -> bool:
-    """Whether `name_or_path` (a directory or Hub id) holds a saved mtl model rather than a plain encoder."""
+def load_config(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedConfig:
+    """The config of a directory or Hub id (a `MultiTaskConfig` for a saved mtl model, the encoder's otherwise),
+    with a clear error when there is none."""
     try:
-        return AutoConfig.from_pretrained(name_or_path, **kwargs).model_type == MultiTaskConfig.model_type
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"Cannot read a model config from {str(name_or_path)!r}: {error}") from None
 
@@ -310,13 +311,16 @@ def is_multitask_checkpoint(name_or_path: str | os.PathLike, **kwargs) -> bool:
 def load_multitask_model(name_or_path: str | os.PathLike, allow_pickle: bool = False, **kwargs) -> MultiTaskModel:
     """A saved mtl model from a directory or the Hub (safetensors only unless `allow_pickle`), with a clear error
     for anything else."""
-    if not is_multitask_checkpoint(name_or_path, **kwargs):
+    config = load_config(name_or_path, **kwargs)
+    if not isinstance(config, MultiTaskConfig):
         raise ValueError(
             f"{str(name_or_path)!r} is not an mtl model (its config.json has no model_type 'mtl'); pass a directory "
             "written by run_train.py or MultiTaskModel.save_pretrained."
         )
     try:
-        return MultiTaskModel.from_pretrained(name_or_path, use_safetensors=None if allow_pickle else True, **kwargs)
+        return MultiTaskModel.from_pretrained(
+            name_or_path, config=config, use_safetensors=None if allow_pickle else True, **kwargs
+        )
     except OSError as error:
         raise _weights_error(name_or_path, error) from None
 
