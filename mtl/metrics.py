@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 import datasets
 import evaluate
 import numpy as np
+from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from transformers import EvalPrediction
 
@@ -57,12 +58,6 @@ class ClassificationMetrics(evaluate.Metric):
         }
 
 
-def _softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
-
-
 def task_reports(tasks: dict[str, list[str]], logits: Sequence[np.ndarray], label_ids: np.ndarray) -> dict[str, dict]:
     """Full metrics (plus the cross-entropy `loss`) for every task that has at least one label in `label_ids`."""
     metric = ClassificationMetrics()
@@ -74,7 +69,7 @@ def task_reports(tasks: dict[str, list[str]], logits: Sequence[np.ndarray], labe
         gold = label_ids[labelled, index]
         task_logits = np.asarray(logits[index], dtype=np.float64)[labelled]
         report = metric.compute(predictions=task_logits.argmax(axis=1), references=gold, num_labels=len(names))
-        report["loss"] = _softmax_cross_entropy(task_logits, gold)
+        report["loss"] = float(-log_softmax(task_logits, axis=1)[np.arange(len(gold)), gold].mean())
         report["num_examples"] = int(labelled.sum())
         reports[task] = report
     return reports

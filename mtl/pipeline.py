@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -105,7 +106,7 @@ class MultiTaskPipeline:
 
     def postprocess(self, texts: list[str], logits: list[np.ndarray]) -> Iterator[dict]:
         """Turn per-task logits into {"text", "<task>": label, "<task>_score": probability} records."""
-        probabilities = [_softmax(task_logits) for task_logits in logits]
+        probabilities = [softmax(task_logits, axis=1) for task_logits in logits]
         best = [p.argmax(axis=1) for p in probabilities]
         for row, text in enumerate(texts):
             result = {"text": text}
@@ -113,8 +114,3 @@ class MultiTaskPipeline:
                 result[task] = labels[b[row]]
                 result[f"{task}_score"] = round(float(p[row, b[row]]), 4)
             yield result
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
