@@ -78,31 +78,36 @@ class MultiTaskTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        lengths = self._row_lengths(dataset) if grouped else None
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
         strategy = getattr(self.args, "task_mixing", "proportional")
-        if strategy == "proportional" or dataset is None or "labels" not in dataset.column_names:
-            if dataset is None or self.args.train_sampling_strategy != "group_by_length":
-                return super()._get_train_sampler(train_dataset)
-            # Cached embeddings keep the token lengths their rows had, so batches match an uncached run's.
-            if "input_ids" in dataset.column_names:
-                lengths = [len(ids) for ids in dataset["input_ids"]]
-            else:
-                lengths = self._token_lengths
-            if lengths is None:
-                return RandomSampler(dataset)
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return EpochSeededLengthGroupedSampler(batch, lengths, seed=self.args.seed)
-        grouped = self.args.train_sampling_strategy == "group_by_length" and "input_ids" in dataset.column_names
-        sampler = TaskMixingSampler(
-            label_matrix(dataset),
-            strategy,
-            self.args.mixing_temperature,
-            seed=self.args.seed,
-            lengths=[len(ids) for ids in dataset["input_ids"]] if grouped else None,
-            batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
-        )
-        shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
-        logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
-        return sampler
+        if strategy != "proportional" and "labels" in dataset.column_names:
+            sampler = TaskMixingSampler(
+                label_matrix(dataset),
+                strategy,
+                self.args.mixing_temperature,
+                seed=self.args.seed,
+                lengths=lengths,
+                batch_size=batch_size,
+            )
+            shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
+            logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
+            return sampler
+        if not grouped:
+            return super()._get_train_sampler(train_dataset)
+        if lengths is None:
+            return RandomSampler(dataset)
+        return EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self.args.seed)
+
+    def _row_lengths(self, dataset) -> list[int] | None:
+        """Token counts of the rows; for cached embeddings, those the rows had before caching, so that batches match
+        an uncached run's."""
+        if "input_ids" in dataset.column_names:
+            return [len(ids) for ids in dataset["input_ids"]]
+        return self._token_lengths
 
     def _get_eval_sampler(self, eval_dataset):
         if eval_dataset is not None and "input_ids" not in getattr(eval_dataset, "column_names", ["input_ids"]):
@@ -159,7 +164,7 @@ class MultiTaskTrainer(Trainer):
         batch_size = self.args.per_device_train_batch_size  # the batch size the encoder would have run at
         with self.args.main_process_first(desc="caching frozen-encoder embeddings"):
             if self.train_dataset is not None and EMBEDDINGS_COLUMN not in self.train_dataset.column_names:
-                self._token_lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+                self._token_lengths = self._row_lengths(self.train_dataset)
                 self.train_dataset = cache_embeddings(self.model, self.train_dataset, batch_size)
             if isinstance(self.eval_dataset, Dataset) and EMBEDDINGS_COLUMN not in self.eval_dataset.column_names:
                 self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)
