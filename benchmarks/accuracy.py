@@ -4,9 +4,9 @@ budget) and against the frozen encoder with trained heads, side by side.
     python benchmarks/accuracy.py --data_dir ../shared/data/bench                   # full run (GPU: a few minutes)
     python benchmarks/accuracy.py --data_dir ../shared/data/bench --max_train_samples 400 --max_eval_samples 500
 
-Trains on train.jsonl, selects the best epoch on validation.jsonl (eval loss), and reports on the held-out test and
-out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run; the table goes to stdout and,
-with --results_file, is appended to a Markdown file with the command, hardware and date.
+Trains on train.jsonl, selects the best epoch on validation.jsonl (mean macro-recall of the tasks), and reports on
+the held-out test and out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run; the table
+goes to stdout and, with --results_file, is appended to a Markdown file with the command, hardware and date.
 """
 
 import datetime
@@ -62,12 +62,23 @@ class BenchmarkArguments:
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (fine-tuned systems)."})
     frozen_learning_rate: float = field(default=3e-3, metadata={"help": "Learning rate of the heads-only system."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Scheduler of every system."})
+    layerwise_lr_decay: float = field(
+        default=1.0, metadata={"help": "Layer-wise learning-rate decay of the fine-tuned systems (1.0: off)."}
+    )
     warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up, as a fraction of the steps if < 1."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per text."})
     task_mixing: str = field(default="temperature", metadata={"help": "Task mixing of the multi-task model."})
     mixing_temperature: float = field(default=2.0, metadata={"help": "T of the temperature mixing."})
     label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing of every system."})
+    class_weights: str = field(
+        default="balanced",
+        metadata={"help": "'balanced' weighs each class by its inverse training frequency (every system); 'none'."},
+    )
+    metric_for_best_model: str = field(
+        default="mean_macro_recall",
+        metadata={"help": "Validation metric that picks each run's best epoch (the tasks' mean macro-recall)."},
+    )
     seed: int = field(default=0, metadata={"help": "Random seed of every run."})
     results_file: str | None = field(default=None, metadata={"help": "Append the table to this Markdown file."})
 
@@ -135,6 +146,8 @@ def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) ->
         str(args.warmup_steps),
         "--label_smoothing_factor",
         str(args.label_smoothing_factor),
+        "--class_weights",
+        args.class_weights,
         "--seed",
         str(args.seed),
         "--save_strategy",
@@ -143,7 +156,7 @@ def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) ->
         "1",
         "--load_best_model_at_end",
         "--metric_for_best_model",
-        "eval_loss",
+        args.metric_for_best_model,
         "--logging_steps",
         "50",
         "--report_to",
@@ -182,7 +195,14 @@ def score(args: BenchmarkArguments, model_dir: Path) -> tuple[dict[str, float], 
 
 
 def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
-    common = ["--num_train_epochs", str(args.num_train_epochs), "--learning_rate", str(args.learning_rate)]
+    common = [
+        "--num_train_epochs",
+        str(args.num_train_epochs),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--layerwise_lr_decay",
+        str(args.layerwise_lr_decay),
+    ]
     if system == "multitask":
         extra = [*common, "--task_mixing", args.task_mixing, "--mixing_temperature", str(args.mixing_temperature)]
         runs = [train(args, system, tasks, extra)]

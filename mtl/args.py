@@ -158,6 +158,13 @@ class MultiTaskTrainingArguments(TrainingArguments):
         metadata={"help": "'balanced': weight each class by n / (k * n_class) within its task; 'none': equal."},
     )
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate of the Adam optimizer."})
+    layerwise_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning-rate decay: the heads train at --learning_rate, the encoder's top layer at "
+            "lr * d, the one below at lr * d**2, ..., the embeddings lowest (1.0: one rate for all)."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
     optim: str = field(
         default="adamw_torch_fused",
@@ -205,6 +212,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"--mixing_temperature must be positive, got {self.mixing_temperature}.")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}.")
+        if not 0 < self.layerwise_lr_decay <= 1:
+            raise ValueError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
         self._check_output_dir()
         if self.hub_model_id:
             try:  # also refuses '..' and other path tricks

@@ -89,13 +89,17 @@ def flat_metrics(reports: dict[str, dict]) -> dict[str, float]:
 
 
 def build_compute_metrics(tasks: dict[str, list[str]]) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A `compute_metrics` for the Trainer: per-task accuracy, macro-F1, macro-recall and loss."""
+    """A `compute_metrics` for the Trainer: per-task accuracy, macro-F1, macro-recall and loss, and each metric's
+    mean over the tasks (`mean_macro_recall`, ...: one number to pick the best checkpoint by, with
+    `--metric_for_best_model mean_macro_recall`)."""
 
     def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
         logits = eval_prediction.predictions
         if not isinstance(logits, (tuple, list)):  # a single task comes back unwrapped from some code paths
             logits = (logits,)
-        return flat_metrics(task_reports(tasks, logits, np.asarray(eval_prediction.label_ids)))
+        reports = task_reports(tasks, logits, np.asarray(eval_prediction.label_ids))
+        means = {f"mean_{name}": float(np.mean([r[name] for r in reports.values()])) for name in SCALAR_METRICS}
+        return {**flat_metrics(reports), **(means if reports else {})}
 
     return compute_metrics
 

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 from collections import defaultdict
 
 import torch
@@ -34,6 +35,26 @@ def resolve_task_weights(args, task_names: list[str]) -> list[float]:
             f"{task_names}: give one weight per task, in that order."
         )
     return list(weights)
+
+
+def layerwise_lr_scales(model, decay: float) -> dict[str, float]:
+    """Learning-rate factor of every parameter for layer-wise decay: 1 for the heads and whatever sits above the
+    encoder's layers, decay**k for the k-th layer from the top, and one more factor of decay for the embeddings."""
+    layer_of = {}
+    for name, _ in model.named_parameters():
+        found = re.search(r"\.(?:layer|layers|block|h)\.(\d+)\.", name)
+        if name.startswith("encoder.") and found:
+            layer_of[name] = int(found.group(1))
+    depth = max(layer_of.values(), default=-1) + 1  # number of layers
+    scales = {}
+    for name, _ in model.named_parameters():
+        if name in layer_of:
+            scales[name] = decay ** (depth - layer_of[name])
+        elif name.startswith("encoder.") and "embed" in name:
+            scales[name] = decay ** (depth + 1)
+        else:
+            scales[name] = 1.0
+    return scales
 
 
 class MultiTaskTrainer(Trainer):
@@ -178,10 +199,35 @@ class MultiTaskTrainer(Trainer):
         for parameter in scheduled:
             parameter.requires_grad_(True)
         try:
-            return super().create_optimizer(model)
+            optimizer = super().create_optimizer(model)
         finally:
             for parameter in scheduled:
                 parameter.requires_grad_(False)
+        decay = getattr(self.args, "layerwise_lr_decay", 1.0)
+        if decay != 1.0 and self.optimizer_cls_and_kwargs is None:
+            self.optimizer = optimizer = self._split_by_layer(optimizer, decay)
+        return optimizer
+
+    def _split_by_layer(self, optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.Optimizer:
+        """The Trainer's optimizer rebuilt with each parameter group split by layer and each part's rate scaled by
+        its depth (the schedulers scale every group's rate alike, so the ratios hold for the whole run)."""
+        scales = layerwise_lr_scales(self.model, decay)
+        scale_of = {id(parameter): scales[name] for name, parameter in self.model.named_parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            by_scale = defaultdict(list)
+            for parameter in group["params"]:
+                by_scale[scale_of[id(parameter)]].append(parameter)
+            for scale, params in sorted(by_scale.items(), reverse=True):
+                groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": group["lr"] * scale})
+        logger.info(
+            "Layer-wise learning-rate decay %s: from %.3g (heads) down to %.3g (embeddings)",
+            decay,
+            max(group["lr"] for group in groups),
+            min(group["lr"] for group in groups),
+        )
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        return optimizer_cls(groups, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.args.lr_scheduler_type != STEP_SCHEDULER or self.lr_scheduler is not None:

@@ -50,8 +50,15 @@ def test_compute_metrics_keys_and_loss():
             "tone_accuracy",
             "tone_macro_f1",
             "tone_macro_recall",
+            "mean_accuracy",
+            "mean_macro_f1",
+            "mean_macro_recall",
         ]
     }
+    assert metrics["mean_accuracy"] == pytest.approx((metrics["topic_accuracy"] + metrics["tone_accuracy"]) / 2)
+    assert metrics["mean_macro_recall"] == pytest.approx(
+        (metrics["topic_macro_recall"] + metrics["tone_macro_recall"]) / 2
+    )
 
 
 def test_report_table_names_the_labels():

@@ -109,3 +109,35 @@ def test_training_lowers_the_loss(tiny_model, make_trainer):
     after = trainer.evaluate()
     assert after["eval_loss"] < before * 0.5
     assert after["eval_category_accuracy"] > 0.9
+
+
+def test_layerwise_lr_decay_scales_each_layer(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, layerwise_lr_decay=0.5, learning_rate=1e-3, lr_scheduler_type="constant")
+    optimizer = trainer.create_optimizer()
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(tiny_model.named_parameters())
+    assert len(rate_of) == len(named)  # every parameter in exactly one group
+    expected = {
+        "heads.category.weight": 1e-3,
+        "encoder.encoder.layer.1.attention.self.query.weight": 5e-4,  # top layer of two
+        "encoder.encoder.layer.0.output.dense.bias": 2.5e-4,
+        "encoder.embeddings.word_embeddings.weight": 1.25e-4,
+    }
+    for name, rate in expected.items():
+        assert rate_of[id(named[name])] == pytest.approx(rate)
+
+
+def test_layerwise_lr_decay_trains_every_layer(tiny_model, make_trainer):
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    trainer = make_trainer(tiny_model, layerwise_lr_decay=0.8)
+    trainer.train()
+    changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
+    assert "encoder.embeddings.word_embeddings.weight" in changed
+    assert "encoder.encoder.layer.0.attention.self.query.weight" in changed
+    assert "heads.sentiment.weight" in changed
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.5])
+def test_invalid_layerwise_lr_decay(decay):
+    with pytest.raises(ValueError, match=r"--layerwise_lr_decay must be in \(0, 1\]"):
+        MultiTaskTrainingArguments(output_dir="unused", layerwise_lr_decay=decay)

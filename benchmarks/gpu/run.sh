@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root: stage the kit part that came with this call (.gpu/p<N>); once every
+# part is there, check the archive's checksum, unpack it, install its wheels beside the machine's PyTorch, and run
+#
+#   benchmarks/gpu/run.sh stage      # only stage this call's part
+#   benchmarks/gpu/run.sh accuracy   # benchmarks/accuracy.py on the full benchmark data, every system
+#   benchmarks/gpu/run.sh speed      # benchmarks/speed.py on the benchmark's tweets and news, bf16, batch 256
+#
+# Extra arguments go to the benchmark. The kit is unpacked in KIT_DIR (default /tmp/mtl-gpu), which lasts as long as
+# the machine; results and logs go to $OUT (default outputs/gpu).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+what=${1:?usage: benchmarks/gpu/run.sh stage|accuracy|speed [benchmark arguments]}
+shift
+kit=${KIT_DIR:-/tmp/mtl-gpu}
+out=${OUT:-outputs/gpu}
+mkdir -p "$kit/parts" "$out"
+
+unpack() {
+  shopt -s nullglob
+  for dir in .gpu/p*/; do cp "$dir"part? "$dir"manifest "$kit/parts/"; done
+  if [[ ! -f "$kit/parts/manifest" ]]; then
+    echo "error: no kit part came with this call: carry .gpu/p0, then .gpu/p1, ... (made by benchmarks/gpu/pack.sh)" >&2
+    exit 1
+  fi
+  local parts sha256 staged
+  parts=$(sed -n 's/^parts=//p' "$kit/parts/manifest")
+  sha256=$(sed -n 's/^sha256=//p' "$kit/parts/manifest")
+  staged=("$kit"/parts/part?)
+  if (( ${#staged[@]} < parts )); then
+    echo "staged ${#staged[@]} of $parts kit parts in $kit; call again with the next one"
+    [[ $what == stage ]] && exit 0
+    echo "error: the kit is incomplete, so '$what' cannot run yet" >&2
+    exit 1
+  fi
+  if [[ $(cat "${staged[@]}" | sha256sum | cut -d' ' -f1) != "$sha256" ]]; then
+    echo "error: the kit's checksum does not match its manifest; pack it again with benchmarks/gpu/pack.sh" >&2
+    exit 1
+  fi
+  cat "${staged[@]}" | tar -xz -C "$kit"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$kit/site" \
+    "$kit"/wheels/*.whl
+  rm -rf "$kit/parts" "$kit/wheels"
+  touch "$kit/ready"
+}
+
+[[ -f "$kit/ready" ]] || unpack
+export PYTHONPATH="$kit/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+python3 -c "import torch, transformers, datasets; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0)
+if torch.cuda.is_available() else 'no GPU', '| transformers', transformers.__version__, '| datasets', datasets.__version__)"
+
+case $what in
+  stage) ;;
+  accuracy)
+    python3 benchmarks/accuracy.py --data_dir "$kit/bench" --model_name_or_path "$kit/model" \
+      --output_dir /tmp/mtl-bench-accuracy --results_file "$out/RESULTS.md" "$@" 2>&1 | tee "$out/accuracy.log" ;;
+  speed)
+    python3 benchmarks/speed.py --model_name_or_path "$kit/model" --data_file "$kit/bench/train.jsonl" \
+      --bf16 --batch_size 256 --results_file "$out/RESULTS.md" "$@" 2>&1 | tee "$out/speed.log" ;;
+  *) echo "error: unknown '$what'; use stage, accuracy or speed" >&2; exit 1 ;;
+esac
