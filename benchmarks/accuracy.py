@@ -55,6 +55,9 @@ class BenchmarkArguments:
     output_dir: str = field(default="outputs/bench-accuracy", metadata={"help": "Models and scores go here."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Encoder (default all-MiniLM-L6-v2)."})
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={"help": f"Any of {SYSTEMS}."})
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": "Only these tasks, e.g. 'category' (default: every task of the config)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "At most N training rows per task."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "At most N rows per test file."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs of every fine-tuned system."})
@@ -86,6 +89,9 @@ class BenchmarkArguments:
         unknown = set(self.systems) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"--systems: unknown {sorted(unknown)}; choose from {list(SYSTEMS)}.")
+        known = list(MultiTaskConfig().tasks)
+        if self.tasks and set(self.tasks) - set(known):
+            raise ValueError(f"--tasks: unknown {sorted(set(self.tasks) - set(known))}; choose from {known}.")
         if not Path(self.data_dir, "train.jsonl").is_file():
             raise FileNotFoundError(f"--data_dir {self.data_dir} has no train.jsonl; see ../shared/data/README.md.")
 
@@ -246,7 +252,7 @@ def hardware() -> str:
 def main(argv=None) -> list[dict]:
     (args,) = parse_arguments(HfArgumentParser(BenchmarkArguments), argv)
     setup_logging()
-    tasks = MultiTaskConfig().tasks
+    tasks = {task: labels for task, labels in MultiTaskConfig().tasks.items() if task in (args.tasks or [task])}
     rows = [run_system(args, system, tasks) for system in args.systems]
     table = markdown(rows)
     sys.stdout.write(table + "\n")

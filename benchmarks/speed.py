@@ -45,7 +45,7 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import mtl.caching
-from mtl import MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, load_files
+from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, load_files
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import tokenize
 from mtl.metrics import task_reports
@@ -53,6 +53,7 @@ from mtl.modeling import resolve_encoder_name
 from mtl.pipeline import MultiTaskPipeline
 
 logger = logging.getLogger("benchmarks.speed")
+SINGLE_TASK = "sentiment"  # the task the single-task systems train on
 
 
 @dataclass
@@ -165,7 +166,9 @@ def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
 
 
 def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple[float, float]:
-    model = AutoModelForSequenceClassification.from_pretrained(encoder_path(args), num_labels=3)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder_path(args), num_labels=len(MultiTaskConfig().tasks[SINGLE_TASK])
+    )
     dataset = data["single_padded" if pad_to_max else "single"]
     trainer = Trainer(
         model=model,
@@ -179,7 +182,9 @@ def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple
 
 def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:
     """The seed's style: a fixed-length padded tensor data set, fp32, Adam 1e-4, a hand-written loop."""
-    model = AutoModelForSequenceClassification.from_pretrained(encoder_path(args), num_labels=3)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder_path(args), num_labels=len(MultiTaskConfig().tasks[SINGLE_TASK])
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
     columns = data["single_padded"].with_format("torch")
@@ -265,17 +270,17 @@ def accuracy(model: MultiTaskModel, tokenizer, args) -> dict[str, float]:
 
 
 def prepare(args: SpeedArguments, tokenizer) -> dict:
-    raw = load_files(
-        args.data_file, {"category": ["Tech", "Sports", "Politics"], "sentiment": ["Positive", "Negative", "Neutral"]}
-    )
+    tasks = MultiTaskConfig().tasks
+    raw = load_files(args.data_file, tasks)
     multitask = tokenize(raw, tokenizer, args.max_seq_length)
-    single = multitask.map(lambda row: {"labels": row["labels"][1]})  # sentiment only, one integer label
+    column = list(tasks).index(SINGLE_TASK)
+    single = multitask.map(lambda row: {"labels": row["labels"][column]})  # one task, one integer label
     padded = raw.map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=args.max_seq_length, padding="max_length"),
         batched=True,
         remove_columns=["text"],
     )
-    padded = padded.map(lambda row: {"labels": row["labels"][1]})
+    padded = padded.map(lambda row: {"labels": row["labels"][column]})
     return {"texts": raw["text"][:], "multitask": multitask, "single": single, "single_padded": padded}
 
 

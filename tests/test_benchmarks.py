@@ -70,6 +70,25 @@ def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir):
     assert "| multitask |" in text and "python benchmarks/accuracy.py" in text
 
 
+def test_accuracy_benchmark_on_one_task(tmp_path, bench_dir, tiny_encoder_dir):
+    import accuracy
+
+    argv = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tiny_encoder_dir)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8", "--num_train_epochs", "1"]
+    argv += ["--max_seq_length", "32", "--batch_size", "4", "--systems", "single", "--tasks", "category"]
+    (row,) = accuracy.main(argv)
+    assert 0.0 <= row["BBC acc"] <= 100.0 and 0.0 <= row["AG News x-domain acc"] <= 100.0
+    assert "SemEval-2017 macro-recall" not in row  # the sentiment task was left out
+    assert not (tmp_path / "out" / "single-sentiment").exists()
+
+
+def test_accuracy_benchmark_refuses_an_unknown_task(bench_dir):
+    import accuracy
+
+    with pytest.raises(ValueError, match=r"--tasks: unknown \['topic'\]; choose from \['category', 'sentiment'\]"):
+        accuracy.BenchmarkArguments(data_dir=str(bench_dir), tasks=["topic"])
+
+
 def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
     import speed
 
