@@ -252,7 +252,7 @@ def hardware() -> str:
 def main(argv=None) -> list[dict]:
     (args,) = parse_arguments(HfArgumentParser(BenchmarkArguments), argv)
     setup_logging()
-    tasks = {task: labels for task, labels in MultiTaskConfig().tasks.items() if task in (args.tasks or [task])}
+    tasks = {task: labels for task, labels in MultiTaskConfig().tasks.items() if not args.tasks or task in args.tasks}
     rows = [run_system(args, system, tasks) for system in args.systems]
     table = markdown(rows)
     sys.stdout.write(table + "\n")

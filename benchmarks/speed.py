@@ -166,9 +166,7 @@ def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
 
 
 def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple[float, float]:
-    model = AutoModelForSequenceClassification.from_pretrained(
-        encoder_path(args), num_labels=len(MultiTaskConfig().tasks[SINGLE_TASK])
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_path(args), num_labels=data["num_labels"])
     dataset = data["single_padded" if pad_to_max else "single"]
     trainer = Trainer(
         model=model,
@@ -182,9 +180,7 @@ def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple
 
 def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:
     """The seed's style: a fixed-length padded tensor data set, fp32, Adam 1e-4, a hand-written loop."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        encoder_path(args), num_labels=len(MultiTaskConfig().tasks[SINGLE_TASK])
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_path(args), num_labels=data["num_labels"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
     columns = data["single_padded"].with_format("torch")
@@ -281,7 +277,13 @@ def prepare(args: SpeedArguments, tokenizer) -> dict:
         remove_columns=["text"],
     )
     padded = padded.map(lambda row: {"labels": row["labels"][column]})
-    return {"texts": raw["text"][:], "multitask": multitask, "single": single, "single_padded": padded}
+    return {
+        "texts": raw["text"][:],
+        "multitask": multitask,
+        "single": single,
+        "single_padded": padded,
+        "num_labels": len(tasks[SINGLE_TASK]),
+    }
 
 
 def table(rows: list[dict], columns: list[str]) -> str:

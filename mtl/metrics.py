@@ -98,8 +98,12 @@ def build_compute_metrics(tasks: dict[str, list[str]]) -> Callable[[EvalPredicti
         if not isinstance(logits, (tuple, list)):  # a single task comes back unwrapped from some code paths
             logits = (logits,)
         reports = task_reports(tasks, logits, np.asarray(eval_prediction.label_ids))
-        means = {f"mean_{name}": float(np.mean([r[name] for r in reports.values()])) for name in SCALAR_METRICS}
-        return {**flat_metrics(reports), **(means if reports else {})}
+        metrics = flat_metrics(reports)
+        if reports:
+            metrics.update(
+                {f"mean_{name}": float(np.mean([r[name] for r in reports.values()])) for name in SCALAR_METRICS}
+            )
+        return metrics
 
     return compute_metrics
 

@@ -198,13 +198,14 @@ class MultiTaskTrainer(Trainer):
             scheduled = [p for p in self.model.encoder.parameters() if not p.requires_grad]
         for parameter in scheduled:
             parameter.requires_grad_(True)
+        built = self.optimizer is None  # the Trainer returns an existing optimizer as it is: split it only once
         try:
             optimizer = super().create_optimizer(model)
         finally:
             for parameter in scheduled:
                 parameter.requires_grad_(False)
         decay = getattr(self.args, "layerwise_lr_decay", 1.0)
-        if decay != 1.0 and self.optimizer_cls_and_kwargs is None:
+        if built and decay != 1.0 and self.optimizer_cls_and_kwargs is None:
             self.optimizer = optimizer = self._split_by_layer(optimizer, decay)
         return optimizer
 

@@ -125,6 +125,7 @@ def test_layerwise_lr_decay_scales_each_layer(tiny_model, make_trainer):
     }
     for name, rate in expected.items():
         assert rate_of[id(named[name])] == pytest.approx(rate)
+    assert trainer.create_optimizer() is optimizer  # a second call keeps the optimizer, rates not decayed twice
 
 
 def test_layerwise_lr_decay_trains_every_layer(tiny_model, make_trainer):

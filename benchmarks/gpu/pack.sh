@@ -20,6 +20,11 @@ httpx2 httpcore2 truststore dill multiprocess fsspec hf-xet"
 kit=.gpu
 rm -rf "$kit" && mkdir -p "$kit/stage/wheels"
 pins=$(python -m pip freeze | grep -i -E "^($(echo $packages | tr ' ' '|' | sed 's/[-_]/[-_]/g'))==")
+missing=$(for name in $packages; do grep -q -i -E "^${name//[-_]/[-_]}==" <<<"$pins" || echo "$name"; done)
+if [[ -n $missing ]]; then
+  echo "error: not installed here: $(echo $missing); install the project first: pip install -r requirements-dev.txt" >&2
+  exit 1
+fi
 echo "$pins" > "$kit/stage/pins.txt"
 # shellcheck disable=SC2086
 python -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
