@@ -82,6 +82,12 @@ class BenchmarkArguments:
         default="mean_macro_recall",
         metadata={"help": "Validation metric that picks each run's best epoch (the tasks' mean macro-recall)."},
     )
+    average_checkpoints: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fine-tuned systems: try the mean of the last N epochs' weights, kept if better on validation."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed of every run."})
     results_file: str | None = field(default=None, metadata={"help": "Append the table to this Markdown file."})
 
@@ -159,7 +165,7 @@ def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) ->
         "--save_strategy",
         "epoch",
         "--save_total_limit",
-        "1",
+        str(args.average_checkpoints + 1 if args.average_checkpoints else 1),
         "--load_best_model_at_end",
         "--metric_for_best_model",
         args.metric_for_best_model,
@@ -209,6 +215,8 @@ def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
         "--layerwise_lr_decay",
         str(args.layerwise_lr_decay),
     ]
+    if args.average_checkpoints:
+        common += ["--average_checkpoints", str(args.average_checkpoints)]
     if system == "multitask":
         extra = [*common, "--task_mixing", args.task_mixing, "--mixing_temperature", str(args.mixing_temperature)]
         runs = [train(args, system, tasks, extra)]

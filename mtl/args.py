@@ -193,6 +193,14 @@ class MultiTaskTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: 'no', 'steps' or 'epoch'."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     logging_steps: float = field(default=10, metadata={"help": "Log losses every N optimizer steps."})
+    average_checkpoints: int | None = field(
+        default=None,
+        metadata={
+            "help": "After training, replace the weights by the mean of the last N checkpoints' weights (N >= 2). "
+            "With --load_best_model_at_end the mean is kept only if it beats the best checkpoint on the "
+            "evaluation set by --metric_for_best_model."
+        },
+    )
 
     def __post_init__(self):
         self._gpu_defaults()
@@ -232,6 +240,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
                 )
             if self.freeze == "all":
                 raise ValueError("--unfreeze_encoder_after_epochs cannot be combined with --freeze all.")
+        self._check_averaging()
         if self.lr_step_epochs <= 0:
             raise ValueError(f"--lr_step_epochs must be positive, got {self.lr_step_epochs}.")
         if not 0.0 < self.lr_gamma <= 1.0:
@@ -244,6 +253,22 @@ class MultiTaskTrainingArguments(TrainingArguments):
             self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = 2 if gpu else 0
+
+    def _check_averaging(self) -> None:
+        count = self.average_checkpoints
+        if count is None:
+            return
+        if count < 2:
+            raise ValueError(f"--average_checkpoints must be at least 2 checkpoints, got {count}.")
+        if self.save_strategy == "no":
+            raise ValueError("--average_checkpoints needs checkpoints: set --save_strategy to 'epoch' or 'steps'.")
+        # With load_best_model_at_end the Trainer also keeps the best checkpoint, which may be older than the last N.
+        needed = count + 1 if self.load_best_model_at_end else count
+        if self.save_total_limit is not None and self.save_total_limit < needed:
+            raise ValueError(
+                f"--average_checkpoints {count} needs the last {count} checkpoints, but --save_total_limit "
+                f"{self.save_total_limit} deletes them; set --save_total_limit to at least {needed}."
+            )
 
     def _check_output_dir(self) -> None:
         """Refuse to overwrite a trained model by accident (resuming into the same directory is fine)."""

@@ -24,14 +24,22 @@ def is_complete(checkpoint: Path) -> bool:
     return all((checkpoint / name).is_file() for name in COMPLETE_MARKERS)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir`; incomplete ones are skipped with a warning."""
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete `checkpoint-<step>` folders in `output_dir` by step (incomplete ones skipped, with a warning)."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
-    for _, checkpoint in sorted(found, reverse=True):
+    complete = []
+    for _, checkpoint in sorted(found):
         if is_complete(checkpoint):
-            return checkpoint
-        logger.warning("Skipping %s: it is incomplete (interrupted while saving).", checkpoint)
-    return None
+            complete.append(checkpoint)
+        else:
+            logger.warning("Skipping %s: it is incomplete (interrupted while saving).", checkpoint)
+    return complete
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`."""
+    checkpoints = complete_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
 
 
 def resolve_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str | None:

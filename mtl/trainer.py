@@ -12,6 +12,7 @@ from torch.utils.data import RandomSampler, SequentialSampler
 from transformers import Trainer
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
+from .averaging import last_checkpoints, load_averaged_weights
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
 from .checkpointing import GracefulStop, TrainingInterrupted, resolve_checkpoint
 from .data import MultiTaskDataCollator, label_matrix
@@ -86,6 +87,7 @@ class MultiTaskTrainer(Trainer):
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._task_loss_steps = 0
         self._token_lengths: list[int] | None = None  # of the training rows, kept when their embeddings are cached
+        self.averaged_checkpoints: list[str] = []  # the checkpoints whose mean the final weights are, if any
 
     def _resolve_class_weights(self) -> list[torch.Tensor] | None:
         if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
@@ -170,7 +172,44 @@ class MultiTaskTrainer(Trainer):
                 f"training stopped by {stopper.requested} at step {stopper.stopped_at}; the checkpoint is in "
                 f"{self.args.output_dir}: run the same command with --resume_from_checkpoint latest to continue."
             )
+        if getattr(self.args, "average_checkpoints", None):
+            self._average_checkpoints(self.args.average_checkpoints)
         return result
+
+    def _average_checkpoints(self, count: int) -> None:
+        """Replace the weights by the mean of the last `count` checkpoints; after load_best_model_at_end, only if the
+        mean scores better on the evaluation set than the best checkpoint did."""
+        self.accelerator.wait_for_everyone()  # the main process writes the last checkpoint
+        checkpoints = last_checkpoints(self.args.output_dir, count)
+        if len(checkpoints) < 2:
+            logger.warning(
+                "--average_checkpoints %d: %d checkpoint(s) saved, nothing to average.", count, len(checkpoints)
+            )
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        names = [checkpoint.name for checkpoint in checkpoints]
+        compare = (
+            self.args.load_best_model_at_end and self.eval_dataset is not None and self.state.best_metric is not None
+        )
+        kept = {name: t.detach().clone() for name, t in model.state_dict().items()} if compare else None
+        load_averaged_weights(model, checkpoints)
+        if not compare:
+            self.averaged_checkpoints = names
+            logger.info("Final weights: the mean of %s", names)
+            return
+        metric = self.args.metric_for_best_model.removeprefix("eval_")
+        averaged = self.evaluate(metric_key_prefix="eval_averaged")[f"eval_averaged_{metric}"]
+        best = self.state.best_metric
+        if averaged > best if self.args.greater_is_better else averaged < best:
+            self.averaged_checkpoints = names
+            logger.info(
+                "Final weights: the mean of %s (%s %.4f against %.4f for the best)", names, metric, averaged, best
+            )
+        else:
+            model.load_state_dict(kept)
+            logger.info(
+                "Kept the best checkpoint: the mean of %s scored %s %.4f against %.4f", names, metric, averaged, best
+            )
 
     def _cache_frozen_embeddings(self) -> None:
         """With the encoder frozen for the whole run, embed the data once and train the heads on the embeddings."""
@@ -246,7 +285,16 @@ class MultiTaskTrainer(Trainer):
         logger.info("StepLR: learning rate x%s every %d optimizer steps", gamma, step_size)
         return self.lr_scheduler
 
+    def set_initial_training_values(self, args, dataloader, *rest, **kwargs):
+        # The training loop works out the optimizer steps per epoch before it builds the scheduler; keep the number so
+        # StepLR need not build (and length-scan) a second training dataloader to learn it.
+        values = super().set_initial_training_values(args, dataloader, *rest, **kwargs)
+        self._steps_per_epoch = values[1]
+        return values
+
     def _optimizer_steps_per_epoch(self, num_training_steps: int) -> int:
+        if getattr(self, "_steps_per_epoch", None):
+            return self._steps_per_epoch
         try:
             batches = len(self.get_train_dataloader())
         except TypeError:  # an iterable data set has no length: count the whole run as one epoch

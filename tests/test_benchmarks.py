@@ -82,6 +82,22 @@ def test_accuracy_benchmark_on_one_task(tmp_path, bench_dir, tiny_encoder_dir):
     assert not (tmp_path / "out" / "single-sentiment").exists()
 
 
+def test_accuracy_benchmark_tries_checkpoint_averaging(tmp_path, bench_dir, tiny_encoder_dir):
+    import json
+
+    import accuracy
+
+    argv = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tiny_encoder_dir)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8", "--num_train_epochs", "3"]
+    argv += ["--max_seq_length", "32", "--batch_size", "4", "--systems", "multitask", "--average_checkpoints", "2"]
+    (row,) = accuracy.main(argv)
+    assert 0.0 <= row["SemEval-2017 macro-recall"] <= 100.0
+    model_dir = tmp_path / "out" / "multitask" / "model"
+    assert len(list(model_dir.glob("checkpoint-*"))) == 3  # every epoch kept: the last two and the best
+    history = json.loads((model_dir / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_averaged_mean_macro_recall" in entry for entry in history)  # the mean was scored on validation
+
+
 def test_accuracy_benchmark_refuses_an_unknown_task(bench_dir):
     import accuracy
 

@@ -55,6 +55,19 @@ def test_steplr_decays_every_epoch_by_gamma(tiny_model, make_trainer):
     assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
 
 
+def test_steplr_reuses_the_training_loops_steps_per_epoch(tiny_model, make_trainer):
+    trainer = make_trainer(
+        tiny_model, rows=make_rows(32), num_train_epochs=2, gradient_accumulation_steps=2, learning_rate=1e-3
+    )
+    built = []
+    original = trainer.get_train_dataloader
+    trainer.get_train_dataloader = lambda: built.append(1) or original()
+    trainer.train()
+    assert len(built) == 1  # the training loop's own dataloader only
+    # 32 rows / batch 8 = 4 batches = 2 optimizer steps per epoch with accumulation 2; StepLR decays each epoch.
+    assert [entry["learning_rate"] for entry in step_logs(trainer)] == pytest.approx([1e-3, 1e-3, 7e-4, 7e-4])
+
+
 def test_steplr_step_size_in_epochs(tiny_model, make_trainer):
     trainer = make_trainer(tiny_model, num_train_epochs=4, lr_gamma=0.1, lr_step_epochs=2, learning_rate=1e-3)
     trainer.create_optimizer_and_scheduler(num_training_steps=8)
