@@ -198,9 +198,12 @@ class MultiTaskTrainer(Trainer):
             logger.info("Final weights: the mean of %s", names)
             return
         metric = self.args.metric_for_best_model.removeprefix("eval_")
-        averaged = self.evaluate(metric_key_prefix="eval_averaged")[f"eval_averaged_{metric}"]
+        averaged = self.evaluate(metric_key_prefix="eval_averaged").get(f"eval_averaged_{metric}")
         best = self.state.best_metric
-        if averaged > best if self.args.greater_is_better else averaged < best:
+        if averaged is None:  # e.g. several evaluation sets, whose metrics carry their names
+            model.load_state_dict(kept)
+            logger.warning("Kept the best checkpoint: the evaluation of the mean of %s has no %s.", names, metric)
+        elif averaged > best if self.args.greater_is_better else averaged < best:
             self.averaged_checkpoints = names
             logger.info(
                 "Final weights: the mean of %s (%s %.4f against %.4f for the best)", names, metric, averaged, best
