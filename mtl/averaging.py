@@ -1,7 +1,8 @@
 """Checkpoint averaging: the element-wise mean of the weights of several checkpoints of one run.
 
-The last checkpoints of a run sit near the same minimum; their mean usually generalises a little better than any one
-of them, for the cost of reading them back. Use it after training with `--average_checkpoints N`, or on the saved
+The last checkpoints of a run sit near the same minimum, and their mean often generalises a little better than any one
+of them (on our accuracy benchmark it did not move the test numbers: benchmarks/RESULTS.md), for the cost of reading
+them back. Use it after training with `--average_checkpoints N`, or on the saved
 checkpoints of any run:
 
     python -m mtl.averaging --checkpoints outputs/run/checkpoint-1000 outputs/run/checkpoint-1500 \
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 
 from .checkpointing import complete_checkpoints
+from .cli import parse_arguments, run, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +104,6 @@ class AveragingArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from .cli import parse_arguments, setup_logging
-
     (args,) = parse_arguments(HfArgumentParser(AveragingArguments), argv)
     setup_logging()
     if len(args.checkpoints) < 2:
@@ -112,6 +112,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from .cli import run
-
     sys.exit(run(main))

@@ -12,7 +12,6 @@ from torch.utils.data import RandomSampler, SequentialSampler
 from transformers import Trainer
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
-from .averaging import last_checkpoints, load_averaged_weights
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
 from .checkpointing import GracefulStop, TrainingInterrupted, resolve_checkpoint
 from .data import MultiTaskDataCollator, label_matrix
@@ -179,6 +178,9 @@ class MultiTaskTrainer(Trainer):
     def _average_checkpoints(self, count: int) -> None:
         """Replace the weights by the mean of the last `count` checkpoints; after load_best_model_at_end, only if the
         mean scores better on the evaluation set than the best checkpoint did."""
+        # Imported here: `python -m mtl.averaging` must not find its module already imported by the package.
+        from .averaging import last_checkpoints, load_averaged_weights
+
         self.accelerator.wait_for_everyone()  # the main process writes the last checkpoint
         checkpoints = last_checkpoints(self.args.output_dir, count)
         if len(checkpoints) < 2:
