@@ -2,8 +2,7 @@
 
 The last checkpoints of a run sit near the same minimum, and their mean often generalises a little better than any one
 of them (on our accuracy benchmark it did not move the test numbers: benchmarks/RESULTS.md), for the cost of reading
-them back. Use it after training with `--average_checkpoints N`, or on the saved
-checkpoints of any run:
+them back. Use it after training with `--average_checkpoints N`, or on the saved checkpoints of any run:
 
     python -m mtl.averaging --checkpoints outputs/run/checkpoint-1000 outputs/run/checkpoint-1500 \
         --output_dir outputs/averaged
@@ -19,13 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
+from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_NAME
 
-from .checkpointing import complete_checkpoints
 from .cli import parse_arguments, run, setup_logging
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
 # Config, tokenizer and card files are copied from the newest checkpoint, so the result loads like any saved model;
 # the training state (optimizer, scheduler, RNG, trainer_state.json) is not.
 MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".md", ".py")
@@ -64,11 +62,6 @@ def average_state_dicts(checkpoints: Sequence[str | Path]) -> dict[str, torch.Te
         name: (total / len(paths)).to(first[name].dtype) if total.is_floating_point() else total
         for name, total in sums.items()
     }
-
-
-def last_checkpoints(output_dir: str | Path, count: int) -> list[Path]:
-    """The newest `count` complete checkpoints in `output_dir`, oldest first (fewer if fewer were kept)."""
-    return complete_checkpoints(output_dir)[-count:]
 
 
 def load_averaged_weights(model: torch.nn.Module, checkpoints: Sequence[str | Path]) -> None:

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
-from .checkpointing import GracefulStop, TrainingInterrupted, resolve_checkpoint
+from .checkpointing import GracefulStop, TrainingInterrupted, complete_checkpoints, resolve_checkpoint
 from .data import MultiTaskDataCollator, label_matrix
 from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, freeze_targets, parse_freeze
 from .hub import write_model_card
@@ -87,6 +87,7 @@ class MultiTaskTrainer(Trainer):
         self._task_loss_steps = 0
         self._token_lengths: list[int] | None = None  # of the training rows, kept when their embeddings are cached
         self.averaged_checkpoints: list[str] = []  # the checkpoints whose mean the final weights are, if any
+        self._steps_per_epoch: int | None = None  # optimizer steps per epoch, as the training loop counted them
 
     def _resolve_class_weights(self) -> list[torch.Tensor] | None:
         if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
@@ -179,10 +180,10 @@ class MultiTaskTrainer(Trainer):
         """Replace the weights by the mean of the last `count` checkpoints; after load_best_model_at_end, only if the
         mean scores better on the evaluation set than the best checkpoint did."""
         # Imported here: `python -m mtl.averaging` must not find its module already imported by the package.
-        from .averaging import last_checkpoints, load_averaged_weights
+        from .averaging import load_averaged_weights
 
         self.accelerator.wait_for_everyone()  # the main process writes the last checkpoint
-        checkpoints = last_checkpoints(self.args.output_dir, count)
+        checkpoints = complete_checkpoints(self.args.output_dir)[-count:]
         if len(checkpoints) < 2:
             logger.warning(
                 "--average_checkpoints %d: %d checkpoint(s) saved, nothing to average.", count, len(checkpoints)
@@ -298,7 +299,7 @@ class MultiTaskTrainer(Trainer):
         return values
 
     def _optimizer_steps_per_epoch(self, num_training_steps: int) -> int:
-        if getattr(self, "_steps_per_epoch", None):
+        if self._steps_per_epoch:
             return self._steps_per_epoch
         try:
             batches = len(self.get_train_dataloader())
