@@ -240,6 +240,12 @@ class MultiTaskTrainingArguments(TrainingArguments):
                 )
             if self.freeze == "all":
                 raise ValueError("--unfreeze_encoder_after_epochs cannot be combined with --freeze all.")
+            if self.ddp_find_unused_parameters is False:
+                # Under DDP the frozen encoder's parameters get no gradient: DDP must be told to expect that.
+                raise ValueError(
+                    "--unfreeze_encoder_after_epochs needs --ddp_find_unused_parameters true (or unset): the "
+                    "encoder's parameters get no gradients while it is frozen."
+                )
         self._check_averaging()
         if self.lr_step_epochs <= 0:
             raise ValueError(f"--lr_step_epochs must be positive, got {self.lr_step_epochs}.")

@@ -3,6 +3,7 @@ callback that hands the encoder back to the optimizer after N epochs."""
 
 import logging
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -68,25 +69,47 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 class UnfreezeEncoderCallback(TrainerCallback):
-    """Fine-tune the whole encoder from epoch `after_epochs` on (the heads settle first on frozen features).
+    """Train the heads on a frozen encoder for the first `after_epochs` epochs, then fine-tune everything.
 
-    The Trainer's optimizer only holds parameters that had `requires_grad=True` when it was built, so the trainer
-    builds it with the encoder included (see `MultiTaskTrainer.create_optimizer`); while frozen the encoder gets no
-    gradients and the optimizer leaves it bit-identical.
+    The encoder keeps `requires_grad=True` throughout, so that the optimizer and DDP (which synchronises only the
+    parameters that were trainable when it wrapped the model) hold it from the first step. While frozen, it runs with
+    autograd off: the backward pass stops at the heads, its parameters get no gradient (still none after DDP's
+    all-reduce), and the optimizer, which skips parameters without one, leaves them bit-identical.
     """
 
     def __init__(self, after_epochs: int):
         self.after_epochs = after_epochs
+        self.frozen = True
+        self._hooks = []
+        self._grad_modes = []  # the grad mode to restore after each encoder call (a stack: calls could nest)
 
-    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._remove_hooks()  # left by a run that raised before its end
+        self.frozen = True
+        self._hooks = [
+            model.encoder.register_forward_pre_hook(self._enter),
+            model.encoder.register_forward_hook(self._leave, always_call=True),
+        ]
+        logger.info("The encoder is frozen for the first %d epoch(s)", self.after_epochs)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
         epochs_done = round(state.epoch or 0.0)
-        encoder = model.encoder
-        if epochs_done >= self.after_epochs and not any(p.requires_grad for p in encoder.parameters()):
-            encoder.requires_grad_(True)
-            trainable, total = count_parameters(model)
-            logger.info(
-                "Epoch %d: encoder unfrozen, %s of %s parameters now trainable",
-                epochs_done,
-                f"{trainable:,}",
-                f"{total:,}",
-            )
+        if self.frozen and epochs_done >= self.after_epochs:
+            self.frozen = False
+            logger.info("Epoch %d: encoder unfrozen, the whole model now trains", epochs_done)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _enter(self, module: nn.Module, inputs) -> None:
+        self._grad_modes.append(torch.is_grad_enabled())
+        if self.frozen:
+            torch.set_grad_enabled(False)
+
+    def _leave(self, module: nn.Module, inputs, output) -> None:
+        torch.set_grad_enabled(self._grad_modes.pop())

@@ -140,15 +140,10 @@ class MultiTaskTrainer(Trainer):
     def _apply_freezing(self) -> None:
         spec = getattr(self.args, "freeze", "none")
         after = getattr(self.args, "unfreeze_encoder_after_epochs", None)
-        if after and self.args.world_size > 1:
-            # DDP only synchronises the parameters that were trainable when it wrapped the model.
-            raise ValueError(
-                "--unfreeze_encoder_after_epochs is not supported with several processes yet: train the heads "
-                "with --freeze encoder first, then fine-tune that model without freezing."
-            )
         if after:
-            parts = [part for part in parse_freeze(spec) if part != "none"]
-            spec = ",".join(parts if "encoder" in parts else [*parts, "encoder"])
+            # The callback keeps the encoder out of training; its parameters stay trainable for the optimizer and DDP.
+            parts = [part for part in parse_freeze(spec) if part not in ("none", "encoder")]
+            spec = ",".join(parts) or "none"
             self.add_callback(UnfreezeEncoderCallback(after))
         apply_freeze(self.model, spec)
 
@@ -219,9 +214,9 @@ class MultiTaskTrainer(Trainer):
 
     def _cache_frozen_embeddings(self) -> None:
         """With the encoder frozen for the whole run, embed the data once and train the heads on the embeddings."""
+        # An encoder that unfreezes later keeps requires_grad=True (see UnfreezeEncoderCallback): never cached.
         frozen = not any(p.requires_grad for p in self.model.encoder.parameters())
-        scheduled = getattr(self.args, "unfreeze_encoder_after_epochs", None)
-        if not (frozen and not scheduled and getattr(self.args, "cache_frozen_embeddings", False)):
+        if not (frozen and getattr(self.args, "cache_frozen_embeddings", False)):
             return
         if not isinstance(self.data_collator, MultiTaskDataCollator):
             logger.warning("Frozen-encoder embeddings are not cached: the data collator is not MultiTaskDataCollator.")
@@ -236,19 +231,8 @@ class MultiTaskTrainer(Trainer):
                 self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)
 
     def create_optimizer(self, model=None):
-        # The Trainer hands the optimizer trainable parameters only; an encoder that unfreezes later must be in it
-        # from the start. Frozen, it gets no gradient, and the optimizer leaves parameters without one untouched.
-        scheduled = []
-        if getattr(self.args, "unfreeze_encoder_after_epochs", None):
-            scheduled = [p for p in self.model.encoder.parameters() if not p.requires_grad]
-        for parameter in scheduled:
-            parameter.requires_grad_(True)
         built = self.optimizer is None  # the Trainer returns an existing optimizer as it is: split it only once
-        try:
-            optimizer = super().create_optimizer(model)
-        finally:
-            for parameter in scheduled:
-                parameter.requires_grad_(False)
+        optimizer = super().create_optimizer(model)
         decay = getattr(self.args, "layerwise_lr_decay", 1.0)
         if built and decay != 1.0 and self.optimizer_cls_and_kwargs is None:
             self.optimizer = optimizer = self._split_by_layer(optimizer, decay)

@@ -89,6 +89,7 @@ def test_every_option_has_help():
         ({"freeze": "none,encoder"}, "freeze"),
         ({"unfreeze_encoder_after_epochs": 0}, "unfreeze_encoder_after_epochs"),
         ({"unfreeze_encoder_after_epochs": 1, "freeze": "all"}, "cannot be combined"),
+        ({"unfreeze_encoder_after_epochs": 1, "ddp_find_unused_parameters": False}, "ddp_find_unused_parameters"),
     ],
 )
 def test_invalid_training_arguments(overrides, message):

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import run_eval
 from tests.conftest import make_rows, write_jsonl
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_training_with_partial_labels_and_a_frozen_head(tmp_path, tiny_encoder_dir):
+def test_two_process_training_with_partial_labels_a_frozen_head_and_gradual_unfreezing(tmp_path, tiny_encoder_dir):
     rows = make_rows(36)
     for i, row in enumerate(rows):  # a third topic-only, a third sentiment-only, a third both
         if i % 3 == 0:
@@ -57,6 +59,8 @@ def test_two_process_training_with_partial_labels_and_a_frozen_head(tmp_path, ti
         "32",
         "--freeze",
         "sentiment",
+        "--unfreeze_encoder_after_epochs",
+        "1",
         "--task_mixing",
         "temperature",
         "--disable_tqdm",
@@ -70,6 +74,16 @@ def test_two_process_training_with_partial_labels_and_a_frozen_head(tmp_path, ti
     assert state["global_step"] == 10  # 36 rows over 2 processes x 4 = 5 steps per epoch (one process: 9)
     # Only the main process wrote the files: one set, no duplicates from rank 1.
     assert sorted(p.name for p in output.glob("model*.safetensors")) == ["model.safetensors"]
+    # The encoder sat out epoch 1 bit-identical, then trained; the frozen head never moved.
+    initial = load_file(tiny_encoder_dir / "model.safetensors")
+    epoch1 = load_file(output / "checkpoint-5" / "model.safetensors")
+    epoch2 = load_file(output / "checkpoint-10" / "model.safetensors")
+    encoder_keys = [key for key in epoch1 if key.startswith("encoder.")]
+    assert encoder_keys
+    assert all(torch.equal(epoch1[key], initial[key.removeprefix("encoder.")]) for key in encoder_keys)
+    assert any(not torch.equal(epoch2[key], epoch1[key]) for key in encoder_keys)
+    head_keys = [key for key in epoch1 if key.startswith("heads.sentiment.")]
+    assert head_keys and all(torch.equal(epoch2[key], epoch1[key]) for key in head_keys)
     results = run_eval.main(
         [
             "--model_name_or_path",

@@ -94,3 +94,14 @@ def test_gradual_unfreezing_trains_the_encoder_after_n_epochs(tiny_model, make_t
     assert changed(tiny_model.heads, initial_heads)
     optimizer_parameters = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimizer_parameters for p in tiny_model.encoder.parameters())
+
+
+def test_encoder_scheduled_after_the_last_epoch_stays_frozen_and_is_released_after_training(tiny_model, make_trainer):
+    initial_encoder = snapshot(tiny_model.encoder)
+    trainer = make_trainer(tiny_model, unfreeze_encoder_after_epochs=3, num_train_epochs=2)
+    trainer.train()
+    assert unchanged(tiny_model.encoder, initial_encoder)
+    # The gate is removed with the end of training: the encoder takes part in autograd again.
+    ids = torch.tensor([[2, 5, 6, 3]])
+    hidden = tiny_model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    assert hidden.requires_grad
