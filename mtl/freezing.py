@@ -1,5 +1,5 @@
 """Which parameters train: a freeze spec (`none`, `all`, `encoder`, task names, or a comma-separated mix), and the
-callback that hands the encoder back to the optimizer after N epochs."""
+callback that keeps the encoder out of training for the first N epochs."""
 
 import logging
 
