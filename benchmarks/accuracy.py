@@ -68,6 +68,13 @@ class BenchmarkArguments:
     layerwise_lr_decay: float = field(
         default=1.0, metadata={"help": "Layer-wise learning-rate decay of the fine-tuned systems (1.0: off)."}
     )
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the heads (fine-tuned systems; default: --learning_rate)."}
+    )
+    unfreeze_encoder_after_epochs: int | None = field(
+        default=None,
+        metadata={"help": "Fine-tuned systems train their heads alone on the frozen encoder for N epochs first."},
+    )
     warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up, as a fraction of the steps if < 1."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per text."})
@@ -215,6 +222,10 @@ def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
         "--layerwise_lr_decay",
         str(args.layerwise_lr_decay),
     ]
+    if args.head_learning_rate:
+        common += ["--head_learning_rate", str(args.head_learning_rate)]
+    if args.unfreeze_encoder_after_epochs:
+        common += ["--unfreeze_encoder_after_epochs", str(args.unfreeze_encoder_after_epochs)]
     if args.average_checkpoints:
         common += ["--average_checkpoints", str(args.average_checkpoints)]
     if system == "multitask":

@@ -165,6 +165,14 @@ class MultiTaskTrainingArguments(TrainingArguments):
             "lr * d, the one below at lr * d**2, ..., the embeddings lowest (1.0: one rate for all)."
         },
     )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the task heads (default: --learning_rate). A head starts from random weights "
+            "and the encoder from pretrained ones, so heads often learn faster at a higher rate, e.g. while the "
+            "encoder is frozen by --unfreeze_encoder_after_epochs."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (0: plain Adam)."})
     optim: str = field(
         default="adamw_torch_fused",
@@ -222,6 +230,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}.")
         if not 0 < self.layerwise_lr_decay <= 1:
             raise ValueError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(f"--head_learning_rate must be a positive number, got {self.head_learning_rate}.")
         self._check_output_dir()
         if self.hub_model_id:
             try:  # also refuses '..' and other path tricks

@@ -37,9 +37,9 @@ def resolve_task_weights(args, task_names: list[str]) -> list[float]:
     return list(weights)
 
 
-def layerwise_lr_scales(model, decay: float) -> dict[str, float]:
-    """Learning-rate factor of every parameter for layer-wise decay: 1 for the heads and whatever sits above the
-    encoder's layers, decay**k for the k-th layer from the top, and one more factor of decay for the embeddings."""
+def layerwise_lr_scales(model, decay: float, head_scale: float = 1.0) -> dict[str, float]:
+    """Learning-rate factor of every parameter: `head_scale` for the heads and whatever sits outside the encoder,
+    decay**k for the encoder's k-th layer from the top, and one more factor of decay for the embeddings."""
     layer_of = {}
     for name, _ in model.named_parameters():
         found = re.search(r"\.(?:layer|layers|block|h)\.(\d+)\.", name)
@@ -50,10 +50,10 @@ def layerwise_lr_scales(model, decay: float) -> dict[str, float]:
     for name, _ in model.named_parameters():
         if name in layer_of:
             scales[name] = decay ** (depth - layer_of[name])
-        elif name.startswith("encoder.") and "embed" in name:
-            scales[name] = decay ** (depth + 1)
+        elif name.startswith("encoder."):
+            scales[name] = decay ** (depth + 1) if "embed" in name else 1.0
         else:
-            scales[name] = 1.0
+            scales[name] = head_scale
     return scales
 
 
@@ -234,14 +234,17 @@ class MultiTaskTrainer(Trainer):
         built = self.optimizer is None  # the Trainer returns an existing optimizer as it is: split it only once
         optimizer = super().create_optimizer(model)
         decay = getattr(self.args, "layerwise_lr_decay", 1.0)
-        if built and decay != 1.0 and self.optimizer_cls_and_kwargs is None:
-            self.optimizer = optimizer = self._split_by_layer(optimizer, decay)
+        head_lr = getattr(self.args, "head_learning_rate", None)
+        head_scale = 1.0 if head_lr is None else head_lr / self.args.learning_rate
+        if built and (decay != 1.0 or head_scale != 1.0) and self.optimizer_cls_and_kwargs is None:
+            scales = layerwise_lr_scales(self.model, decay, head_scale)
+            self.optimizer = optimizer = self._split_by_rate(optimizer, scales)
         return optimizer
 
-    def _split_by_layer(self, optimizer: torch.optim.Optimizer, decay: float) -> torch.optim.Optimizer:
-        """The Trainer's optimizer rebuilt with each parameter group split by layer and each part's rate scaled by
-        its depth (the schedulers scale every group's rate alike, so the ratios hold for the whole run)."""
-        scales = layerwise_lr_scales(self.model, decay)
+    def _split_by_rate(self, optimizer: torch.optim.Optimizer, scales: dict[str, float]) -> torch.optim.Optimizer:
+        """The Trainer's optimizer rebuilt with each parameter group split by learning-rate factor (heads, each
+        encoder layer) and each part's rate scaled (the schedulers scale every group's rate alike, so the ratios
+        hold for the whole run)."""
         scale_of = {id(parameter): scales[name] for name, parameter in self.model.named_parameters()}
         groups = []
         for group in optimizer.param_groups:
@@ -251,8 +254,7 @@ class MultiTaskTrainer(Trainer):
             for scale, params in sorted(by_scale.items(), reverse=True):
                 groups.append({"params": params, "weight_decay": group["weight_decay"], "lr": group["lr"] * scale})
         logger.info(
-            "Layer-wise learning-rate decay %s: from %.3g (heads) down to %.3g (embeddings)",
-            decay,
+            "Learning rates by parameter group: from %.3g down to %.3g",
             max(group["lr"] for group in groups),
             min(group["lr"] for group in groups),
         )

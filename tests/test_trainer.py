@@ -141,6 +141,29 @@ def test_layerwise_lr_decay_scales_each_layer(tiny_model, make_trainer):
     assert trainer.create_optimizer() is optimizer  # a second call keeps the optimizer, rates not decayed twice
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_head_learning_rate_applies_to_heads_only(tiny_model, make_trainer, decay):
+    trainer = make_trainer(
+        tiny_model, head_learning_rate=1e-2, layerwise_lr_decay=decay, learning_rate=1e-3, lr_scheduler_type="constant"
+    )
+    optimizer = trainer.create_optimizer()
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(tiny_model.named_parameters())
+    assert len(rate_of) == len(named)
+    for task in ("category", "sentiment"):
+        assert rate_of[id(named[f"heads.{task}.weight"])] == pytest.approx(1e-2)
+        assert rate_of[id(named[f"heads.{task}.bias"])] == pytest.approx(1e-2)
+    top_layer = named["encoder.encoder.layer.1.attention.self.query.weight"]
+    assert rate_of[id(top_layer)] == pytest.approx(1e-3 * decay)
+    assert rate_of[id(named["encoder.embeddings.word_embeddings.weight"])] == pytest.approx(1e-3 * decay**3)
+
+
+@pytest.mark.parametrize("rate", [0.0, -1e-3])
+def test_invalid_head_learning_rate(rate):
+    with pytest.raises(ValueError, match="--head_learning_rate must be a positive number"):
+        MultiTaskTrainingArguments(output_dir="unused", head_learning_rate=rate)
+
+
 def test_layerwise_lr_decay_trains_every_layer(tiny_model, make_trainer):
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     trainer = make_trainer(tiny_model, layerwise_lr_decay=0.8)
