@@ -138,3 +138,18 @@ def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
     assert 0 <= cached["category acc"] <= 100
     assert [row["samples/s"] > 0 for row in report["inference"]] == [True, True]
     assert "### Speed" in results.read_text()
+
+
+def test_accuracy_benchmark_passes_linear_probing_options(tmp_path, bench_dir, tiny_encoder_dir):
+    import accuracy
+    import torch
+
+    argv = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tiny_encoder_dir)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8", "--num_train_epochs", "2"]
+    argv += ["--max_seq_length", "32", "--batch_size", "4", "--systems", "multitask"]
+    argv += ["--unfreeze_encoder_after_epochs", "1", "--head_learning_rate", "0.01"]
+    (row,) = accuracy.main(argv)
+    assert 0.0 <= row["BBC acc"] <= 100.0
+    trained = torch.load(tmp_path / "out" / "multitask" / "model" / "training_args.bin", weights_only=False)
+    assert trained.unfreeze_encoder_after_epochs == 1
+    assert trained.head_learning_rate == pytest.approx(0.01)
