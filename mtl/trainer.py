@@ -79,6 +79,11 @@ class MultiTaskTrainer(Trainer):
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator(kwargs["processing_class"])
         super().__init__(model=model, args=args, **kwargs)
+        if self._custom_optimizer() and self._rate_scales_requested():
+            logger.warning(
+                "--layerwise_lr_decay and --head_learning_rate are ignored: the Trainer was given its optimizer "
+                "(optimizers= or optimizer_cls_and_kwargs=), whose parameter groups are used as they are."
+            )
         self.task_names = list(model.config.task_names)
         self.task_weights = task_weights
         self.class_weights = self._resolve_class_weights()
@@ -230,14 +235,21 @@ class MultiTaskTrainer(Trainer):
             if isinstance(self.eval_dataset, Dataset) and EMBEDDINGS_COLUMN not in self.eval_dataset.column_names:
                 self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)
 
-    def create_optimizer(self, model=None):
-        built = self.optimizer is None  # the Trainer returns an existing optimizer as it is: split it only once
-        optimizer = super().create_optimizer(model)
-        decay = getattr(self.args, "layerwise_lr_decay", 1.0)
+    def _custom_optimizer(self) -> bool:
+        return self.optimizer is not None or self.optimizer_cls_and_kwargs is not None
+
+    def _rate_scales_requested(self) -> bool:
+        return getattr(self.args, "layerwise_lr_decay", 1.0) != 1.0 or self._head_scale() != 1.0
+
+    def _head_scale(self) -> float:
         head_lr = getattr(self.args, "head_learning_rate", None)
-        head_scale = 1.0 if head_lr is None else head_lr / self.args.learning_rate
-        if built and (decay != 1.0 or head_scale != 1.0) and self.optimizer_cls_and_kwargs is None:
-            scales = layerwise_lr_scales(self.model, decay, head_scale)
+        return 1.0 if head_lr is None else head_lr / self.args.learning_rate
+
+    def create_optimizer(self, model=None):
+        split = not self._custom_optimizer() and self._rate_scales_requested()  # an existing optimizer: split once
+        optimizer = super().create_optimizer(model)
+        if split:
+            scales = layerwise_lr_scales(self.model, getattr(self.args, "layerwise_lr_decay", 1.0), self._head_scale())
             self.optimizer = optimizer = self._split_by_rate(optimizer, scales)
         return optimizer
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mtl import MultiTaskTrainingArguments
+from mtl import MultiTaskTrainer, MultiTaskTrainingArguments
 from tests.conftest import make_rows
 
 
@@ -156,6 +156,17 @@ def test_head_learning_rate_applies_to_heads_only(tiny_model, make_trainer, deca
     top_layer = named["encoder.encoder.layer.1.attention.self.query.weight"]
     assert rate_of[id(top_layer)] == pytest.approx(1e-3 * decay)
     assert rate_of[id(named["encoder.embeddings.word_embeddings.weight"])] == pytest.approx(1e-3 * decay**3)
+
+
+def test_rate_options_with_a_given_optimizer_warn_and_keep_it(tiny_model, tmp_path, caplog):
+    given = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    args = MultiTaskTrainingArguments(
+        output_dir=str(tmp_path), head_learning_rate=1e-2, use_cpu=True, eval_strategy="no"
+    )
+    with caplog.at_level("WARNING", logger="mtl.trainer"):
+        trainer = MultiTaskTrainer(model=tiny_model, args=args, optimizers=(given, None))
+    assert "--head_learning_rate are ignored" in caplog.text
+    assert trainer.create_optimizer() is given and len(given.param_groups) == 1
 
 
 @pytest.mark.parametrize("rate", [0.0, -1e-3])
