@@ -79,7 +79,7 @@ class MultiTaskTrainer(Trainer):
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator(kwargs["processing_class"])
         super().__init__(model=model, args=args, **kwargs)
-        if self._custom_optimizer() and self._rate_scales_requested():
+        if self._optimizer_given() and self._lr_scales():
             logger.warning(
                 "--layerwise_lr_decay and --head_learning_rate are ignored: the Trainer was given its optimizer "
                 "(optimizers= or optimizer_cls_and_kwargs=), whose parameter groups are used as they are."
@@ -235,21 +235,23 @@ class MultiTaskTrainer(Trainer):
             if isinstance(self.eval_dataset, Dataset) and EMBEDDINGS_COLUMN not in self.eval_dataset.column_names:
                 self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)
 
-    def _custom_optimizer(self) -> bool:
+    def _optimizer_given(self) -> bool:
+        """Whether the optimizer is not ours to build: passed to the Trainer, or already built by an earlier call."""
         return self.optimizer is not None or self.optimizer_cls_and_kwargs is not None
 
-    def _rate_scales_requested(self) -> bool:
-        return getattr(self.args, "layerwise_lr_decay", 1.0) != 1.0 or self._head_scale() != 1.0
-
-    def _head_scale(self) -> float:
+    def _lr_scales(self) -> dict[str, float] | None:
+        """Each parameter's learning-rate factor, when --layerwise_lr_decay or --head_learning_rate asks for one."""
+        decay = getattr(self.args, "layerwise_lr_decay", 1.0)
         head_lr = getattr(self.args, "head_learning_rate", None)
-        return 1.0 if head_lr is None else head_lr / self.args.learning_rate
+        head_scale = 1.0 if head_lr is None else head_lr / self.args.learning_rate
+        if decay == 1.0 and head_scale == 1.0:
+            return None
+        return layerwise_lr_scales(self.model, decay, head_scale)
 
     def create_optimizer(self, model=None):
-        split = not self._custom_optimizer() and self._rate_scales_requested()  # an existing optimizer: split once
+        scales = None if self._optimizer_given() else self._lr_scales()  # split the Trainer's optimizer only once
         optimizer = super().create_optimizer(model)
-        if split:
-            scales = layerwise_lr_scales(self.model, getattr(self.args, "layerwise_lr_decay", 1.0), self._head_scale())
+        if scales:
             self.optimizer = optimizer = self._split_by_rate(optimizer, scales)
         return optimizer
 
