@@ -15,7 +15,15 @@ from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.checkpointing import resolve_checkpoint
 from mtl.cli import parse_arguments, run, setup_logging
-from mtl.data import MultiTaskDataCollator, drop_unlabelled, load_files, load_hub, require_labels, tokenize
+from mtl.data import (
+    MultiTaskDataCollator,
+    RandomTruncation,
+    drop_unlabelled,
+    load_files,
+    load_hub,
+    require_labels,
+    tokenize,
+)
 from mtl.freezing import check_freeze
 from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
@@ -88,13 +96,20 @@ def main(argv=None) -> dict:
         )
 
     # 4. Train.
+    collator = MultiTaskDataCollator(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None)
+    train_collator = None
+    if data_args.random_truncation_min_length:
+        train_collator = RandomTruncation(
+            collator, data_args.random_truncation_min_length, data_args.max_seq_length, tokenizer.all_special_ids
+        )
     trainer = MultiTaskTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=validation,
         processing_class=tokenizer,
-        data_collator=MultiTaskDataCollator(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None),
+        data_collator=collator,
+        train_data_collator=train_collator,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     result.metrics["world_size"] = training_args.world_size  # processes that trained (accelerate launch)

@@ -78,6 +78,10 @@ class BenchmarkArguments:
     warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up, as a fraction of the steps if < 1."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per text."})
+    random_truncation_min_length: int | None = field(
+        default=None,
+        metadata={"help": "Fine-tuned systems: cut texts longer than --max_seq_length at a random length >= N."},
+    )
     task_mixing: str = field(default="temperature", metadata={"help": "Task mixing of the multi-task model."})
     mixing_temperature: float = field(default=2.0, metadata={"help": "T of the temperature mixing."})
     label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing of every system."})
@@ -228,6 +232,8 @@ def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
         common += ["--unfreeze_encoder_after_epochs", str(args.unfreeze_encoder_after_epochs)]
     if args.average_checkpoints:
         common += ["--average_checkpoints", str(args.average_checkpoints)]
+    if args.random_truncation_min_length:
+        common += ["--random_truncation_min_length", str(args.random_truncation_min_length)]
     if system == "multitask":
         extra = [*common, "--task_mixing", args.task_mixing, "--mixing_temperature", str(args.mixing_temperature)]
         runs = [train(args, system, tasks, extra)]

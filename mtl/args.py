@@ -82,6 +82,14 @@ class DataArguments:
     max_seq_length: int = field(
         default=128, metadata={"help": "Texts are truncated to this many tokens; batches are padded dynamically."}
     )
+    random_truncation_min_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Augmentation for long documents: in training, a text that --max_seq_length cuts is cut again at "
+            "a random length between N and --max_seq_length tokens each time it is drawn (its beginning kept), so "
+            "that the model also learns from headline-length text. Default: off."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training examples (quick runs, debugging)."}
     )
@@ -94,6 +102,12 @@ class DataArguments:
         self.test_file = self.test_file or None
         if self.max_seq_length < 2:
             raise ValueError(f"--max_seq_length must be at least 2, got {self.max_seq_length}.")
+        low = self.random_truncation_min_length
+        if low is not None and not 2 <= low <= self.max_seq_length:
+            raise ValueError(
+                f"--random_truncation_min_length must be between 2 and --max_seq_length ({self.max_seq_length}), "
+                f"got {low}."
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import logging
+import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -252,3 +253,41 @@ class MultiTaskDataCollator:
         if "labels" in features[0]:
             batch["labels"] = torch.from_numpy(np.asarray([f["labels"] for f in features], dtype=np.int64))
         return batch
+
+
+class RandomTruncation:
+    """Training-time augmentation for long documents: wraps a collator and, each time a row is drawn, cuts a row that
+    `tokenize` truncated at `max_length` tokens again at a random length between `min_length` and `max_length`.
+
+    The beginning is kept (for news, the headline and the lead) and a closing special token such as [SEP] is put
+    back, so that a topic model trained on long articles also sees text as short as a headline with its first
+    sentence. Rows shorter than `max_length` (tweets, sentences) and cached embeddings pass through unchanged.
+    """
+
+    def __init__(self, collator, min_length: int, max_length: int, special_ids: Iterable[int] = ()):
+        if not 2 <= min_length <= max_length:
+            raise ValueError(
+                f"random truncation needs 2 <= min_length <= max_length, got {min_length} and {max_length}."
+            )
+        self.collator = collator
+        self.min_length = min_length
+        self.max_length = max_length
+        self.special_ids = set(special_ids)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        return self.collator([self._cut(feature) for feature in features])
+
+    def _cut(self, feature: dict) -> dict:
+        ids = feature.get("input_ids")
+        if ids is None or len(ids) < self.max_length:
+            return feature
+        length = random.randint(self.min_length, self.max_length)  # seeded per worker by the Trainer
+        if length >= len(ids):
+            return feature
+        keep_last = ids[-1] in self.special_ids
+        cut = dict(feature)
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key in feature:
+                values = list(feature[key])
+                cut[key] = values[: length - 1] + values[-1:] if keep_last else values[:length]
+        return cut

@@ -68,7 +68,9 @@ class MultiTaskTrainer(Trainer):
     # compute_loss returns a per-example mean, so the Trainer must divide by the gradient accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model=None, args: MultiTaskTrainingArguments | None = None, **kwargs):
+    def __init__(self, model=None, args: MultiTaskTrainingArguments | None = None, train_data_collator=None, **kwargs):
+        """`train_data_collator`, if given, collates the training batches only (e.g. with augmentation such as
+        `RandomTruncation`); evaluation keeps `data_collator`."""
         if args is None:
             args = MultiTaskTrainingArguments()
         # Checked against the model's tasks before the Trainer creates the output directory.
@@ -84,6 +86,7 @@ class MultiTaskTrainer(Trainer):
                 "--layerwise_lr_decay and --head_learning_rate are ignored: the Trainer was given its optimizer "
                 "(optimizers= or optimizer_cls_and_kwargs=), whose parameter groups are used as they are."
             )
+        self.train_data_collator = train_data_collator
         self.task_names = list(model.config.task_names)
         self.task_weights = task_weights
         self.class_weights = self._resolve_class_weights()
@@ -103,6 +106,16 @@ class MultiTaskTrainer(Trainer):
             "Balanced class weights: %s", {t: w.tolist() for t, w in zip(self.task_names, weights, strict=True)}
         )
         return [w.to(self.args.device) for w in weights]
+
+    def get_train_dataloader(self):
+        if self.train_data_collator is None:
+            return super().get_train_dataloader()
+        # The Trainer builds every loader from self.data_collator: lend it the training one for this loader only.
+        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -225,6 +238,12 @@ class MultiTaskTrainer(Trainer):
             return
         if not isinstance(self.data_collator, MultiTaskDataCollator):
             logger.warning("Frozen-encoder embeddings are not cached: the data collator is not MultiTaskDataCollator.")
+            return
+        if self.train_data_collator is not None:
+            logger.warning(
+                "Frozen-encoder embeddings are not cached: training batches go through train_data_collator (e.g. "
+                "--random_truncation_min_length), whose changes to the tokens a cache would lose."
+            )
             return
         self.model.to(self.args.device)
         batch_size = self.args.per_device_train_batch_size  # the batch size the encoder would have run at

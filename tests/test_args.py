@@ -97,6 +97,13 @@ def test_invalid_training_arguments(overrides, message):
         MultiTaskTrainingArguments(output_dir="unused", **overrides)
 
 
+@pytest.mark.parametrize("low", [1, 65])
+def test_random_truncation_must_fit_the_sequence_length(low):
+    with pytest.raises(ValueError, match=r"--random_truncation_min_length must be between 2 and --max_seq_length"):
+        DataArguments(max_seq_length=64, random_truncation_min_length=low)
+    assert DataArguments(max_seq_length=64, random_truncation_min_length=64).random_truncation_min_length == 64
+
+
 def test_tasks_from_json_text_and_files(tmp_path):
     tasks = {"topic": ["World", "Sports"], "tone": ["calm", "angry", "sad"]}
     assert ModelArguments(tasks=json.dumps(tasks)).parsed_tasks() == tasks

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mtl import DEFAULT_TASKS, DataError, load_files, tokenize
-from mtl.data import IGNORE_INDEX, label_matrix, require_labels
+from mtl.data import IGNORE_INDEX, MultiTaskDataCollator, RandomTruncation, label_matrix, require_labels
 
 TASKS = DEFAULT_TASKS
 
@@ -122,3 +122,42 @@ def test_tokenize_truncates_and_does_not_pad(tmp_path, tiny_tokenizer):
     assert lengths == [16, 4]  # [CLS] the app [SEP]: no padding
     assert "text" not in dataset.column_names
     assert set(dataset.column_names) >= {"input_ids", "attention_mask", "labels"}
+
+
+def long_and_short_rows(tmp_path, tokenizer, max_length: int = 16):
+    texts = [" ".join(["phone", "app", "chip", "laptop"] * 10), "the app"]
+    path = write(tmp_path, "t.jsonl", "".join(json.dumps({"text": t, "category": "Tech"}) + "\n" for t in texts))
+    return [dict(row) for row in tokenize(load_files(path, TASKS), tokenizer, max_seq_length=max_length)]
+
+
+def test_random_truncation_cuts_only_truncated_rows_and_keeps_their_beginning(tmp_path, tiny_tokenizer):
+    long_row, short_row = long_and_short_rows(tmp_path, tiny_tokenizer)
+    cut = RandomTruncation(lambda features: features, 6, 16, tiny_tokenizer.all_special_ids)
+    lengths = set()
+    for _ in range(200):
+        new_long, new_short = cut([long_row, short_row])
+        assert new_short == short_row  # shorter than max_length: never cut
+        ids = new_long["input_ids"]
+        assert 6 <= len(ids) <= 16
+        assert ids[:-1] == long_row["input_ids"][: len(ids) - 1]  # the beginning, [CLS] included, is kept
+        assert ids[-1] == tiny_tokenizer.sep_token_id
+        assert new_long["attention_mask"] == [1] * len(ids)
+        assert len(new_long["token_type_ids"]) == len(ids)
+        assert new_long["labels"] == long_row["labels"]
+        lengths.add(len(ids))
+    assert lengths == set(range(6, 17))  # every allowed length is drawn
+    assert len(long_row["input_ids"]) == 16  # the dataset's row is not changed in place
+
+
+def test_random_truncation_pads_the_cut_batch(tmp_path, tiny_tokenizer):
+    rows = long_and_short_rows(tmp_path, tiny_tokenizer)
+    collator = RandomTruncation(MultiTaskDataCollator(tiny_tokenizer), 6, 6, tiny_tokenizer.all_special_ids)
+    batch = collator(rows)
+    assert batch["input_ids"].shape == (2, 6)
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 4 + [0] * 2]
+
+
+@pytest.mark.parametrize(("low", "high"), [(1, 16), (17, 16)])
+def test_random_truncation_refuses_bad_lengths(low, high):
+    with pytest.raises(ValueError, match="min_length <= max_length"):
+        RandomTruncation(lambda features: features, low, high)

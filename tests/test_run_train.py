@@ -69,6 +69,28 @@ def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
     assert lines[0]["category"] in ("Tech", "Sports", "Politics") and 0 < lines[0]["category_score"] <= 1
 
 
+def test_random_truncation_cuts_long_training_rows_only(tmp_path, tiny_encoder_dir, data_dir, monkeypatch):
+    long_rows = [{"text": " ".join(["the phone"] * 30), "category": "Tech", "sentiment": "Neutral"}] * 8
+    write_jsonl(data_dir / "train.jsonl", long_rows)
+    write_jsonl(data_dir / "validation.jsonl", long_rows[:4])
+    widths = {"train": set(), "eval": set()}
+
+    class Recording(run_train.MultiTaskTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            widths["train"].add(inputs["input_ids"].shape[1])
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            widths["eval"].add(inputs["input_ids"].shape[1])
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(run_train, "MultiTaskTrainer", Recording)
+    flags = ["--random_truncation_min_length", "8", "--num_train_epochs", "4", "--per_device_train_batch_size", "1"]
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, tmp_path / "model", *flags, test_file=False))
+    assert widths["train"] <= set(range(8, 33)) and len(widths["train"]) > 5  # 32 long rows cut at random lengths
+    assert widths["eval"] == {32}  # validation rows are never cut
+
+
 def test_partial_test_file_is_evaluated_on_its_tasks(tmp_path, tiny_encoder_dir, data_dir):
     output = tmp_path / "model"
     run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1"))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mtl import MultiTaskTrainer, MultiTaskTrainingArguments
+from mtl.data import RandomTruncation
 from tests.conftest import make_rows
 
 
@@ -189,3 +190,21 @@ def test_layerwise_lr_decay_trains_every_layer(tiny_model, make_trainer):
 def test_invalid_layerwise_lr_decay(decay):
     with pytest.raises(ValueError, match=r"--layerwise_lr_decay must be in \(0, 1\]"):
         MultiTaskTrainingArguments(output_dir="unused", layerwise_lr_decay=decay)
+
+
+def test_train_data_collator_collates_training_batches_only(tiny_model, make_trainer, tiny_tokenizer):
+    rows = [{"text": " ".join(["phone"] * 40), "category": "Tech", "sentiment": "Positive"}] * 16
+    trainer = make_trainer(tiny_model, rows)
+    trainer.train_data_collator = RandomTruncation(trainer.data_collator, 5, 5, tiny_tokenizer.all_special_ids)
+    assert {batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()} == {5}
+    assert {batch["input_ids"].shape[1] for batch in trainer.get_eval_dataloader()} == {32}  # rows as tokenized
+    assert trainer.data_collator is not trainer.train_data_collator
+
+
+def test_augmented_training_batches_are_not_cached(tiny_model, make_trainer, tiny_tokenizer, caplog):
+    trainer = make_trainer(tiny_model, freeze="encoder")
+    trainer.train_data_collator = RandomTruncation(trainer.data_collator, 5, 32, tiny_tokenizer.all_special_ids)
+    with caplog.at_level("WARNING", logger="mtl.trainer"):
+        trainer.train()
+    assert "input_ids" in trainer.train_dataset.column_names  # the encoder still sees every (cut) batch
+    assert "not cached" in caplog.text
