@@ -12,9 +12,10 @@ data_dir=${1:-../shared/data/bench}
 part_mb=${2:-56}
 python_version=${KIT_PYTHON_VERSION:-3.12}
 # On the GPU machine already: torch, numpy, scipy, scikit-learn, pyarrow, pandas, xxhash, psutil, ... Carried: ours
-# and what they need that is missing there or too old. Versions come from this (requirements.txt) environment.
+# and what they need that is missing there or may be too old there (transformers checks regex's version at import).
+# Versions come from this (requirements.txt) environment.
 packages="transformers tokenizers datasets evaluate accelerate huggingface_hub safetensors sentence-transformers
-httpx2 httpcore2 truststore dill multiprocess fsspec hf-xet"
+httpx2 httpcore2 truststore dill multiprocess fsspec hf-xet regex click anyio idna h11"
 
 [[ -f "$data_dir/train.jsonl" ]] || { echo "error: $data_dir has no train.jsonl (give the benchmark data folder)" >&2; exit 1; }
 kit=.gpu

@@ -49,6 +49,7 @@ export PYTHONPATH="$kit/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_H
 python3 -c "import torch, transformers, datasets; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0)
 if torch.cuda.is_available() else 'no GPU', '| transformers', transformers.__version__, '| datasets', datasets.__version__)"
 
+start=$SECONDS
 case $what in
   stage) ;;
   accuracy)
@@ -59,3 +60,4 @@ case $what in
       --bf16 --batch_size 256 --results_file "$out/RESULTS.md" "$@" 2>&1 | tee "$out/speed.log" ;;
   *) echo "error: unknown '$what'; use stage, accuracy or speed" >&2; exit 1 ;;
 esac
+[[ $what == stage ]] || echo "$what: $((SECONDS - start)) s wall time (unpacking the kit excluded)" | tee -a "$out/$what.log"
