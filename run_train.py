@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         )
 
     # 4. Train.
-    collator = MultiTaskDataCollator(tokenizer, pad_to_multiple_of=8 if training_args.bf16 else None)
+    collator = MultiTaskDataCollator.for_training_args(tokenizer, training_args)
     train_collator = None
     if data_args.random_truncation_min_length:
         train_collator = RandomTruncation(

@@ -194,7 +194,12 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision. Default: on when the GPU supports it, off on CPU."},
+        # nargs/const: a bare `--bf16` means true, as for the Trainer's own flag (an optional bool needs a value).
+        metadata={
+            "help": "bf16 mixed precision. Default: on when the GPU supports it, off on CPU.",
+            "nargs": "?",
+            "const": True,
+        },
     )
     dataloader_num_workers: int | None = field(
         default=None, metadata={"help": "Data loading worker processes. Default: 2 on a GPU, 0 on CPU."}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -20,6 +21,11 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # The packaged copy of this Hub model is used when it is installed, so the default works offline.
 DEFAULT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# Attention kernels the encoder may use. Our batches change shape all the time (dynamic padding, length-grouped
+# training batches, the pipeline's length-sorted batches). On Hopper GPUs torch tries cuDNN attention first, and cuDNN
+# builds an execution plan for every new (batch, length) shape it meets, which made our training steps several times
+# slower than the same steps at one fixed shape; these kernels need no plan.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def default_encoder_path() -> str:
@@ -239,7 +245,10 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is not None:
             encoder_kwargs["token_type_ids"] = token_type_ids
-        encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **encoder_kwargs)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            encoded = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **encoder_kwargs
+            )
         return pool(encoded.last_hidden_state, attention_mask, self.config.pooling), encoded
 
     def forward(

@@ -79,7 +79,7 @@ class MultiTaskTrainer(Trainer):
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
-            kwargs["data_collator"] = MultiTaskDataCollator(kwargs["processing_class"])
+            kwargs["data_collator"] = MultiTaskDataCollator.for_training_args(kwargs["processing_class"], args)
         super().__init__(model=model, args=args, **kwargs)
         if self._optimizer_given() and self._lr_scales():
             logger.warning(

@@ -75,6 +75,13 @@ def test_defaults_train_minilm_on_the_default_data():
     assert training_args.eval_strategy == "epoch"
 
 
+@pytest.mark.parametrize(("flags", "expected"), [([], False), (["--bf16", "false"], False), (["--bf16"], True)])
+def test_bf16_flag_alone_means_true(flags, expected):
+    # A bare --bf16 parses as true, as the Trainer's own flag does; on this CPU machine it then needs --use_cpu.
+    *_, training_args = parse_arguments(parser(), [*flags, "--use_cpu"] if expected else flags)
+    assert training_args.bf16 is expected
+
+
 def test_every_option_has_help():
     for action in parser()._actions:
         if action.dest != "help":

@@ -134,3 +134,28 @@ def test_encoder_weights_come_from_the_checkpoint(tiny_encoder_dir, tiny_model):
     reference = AutoModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False)
     for name, parameter in reference.state_dict().items():
         assert torch.equal(tiny_model.encoder.state_dict()[name], parameter), name
+
+
+def test_encoder_runs_without_cudnn_attention(tiny_model, tiny_tokenizer):
+    """cuDNN attention builds a plan per batch shape (slow with dynamic padding): off inside the encoder only."""
+    seen = []
+    hook = tiny_model.encoder.register_forward_pre_hook(
+        lambda module, args: seen.append(
+            (
+                torch.backends.cuda.cudnn_sdp_enabled(),
+                torch.backends.cuda.flash_sdp_enabled(),
+                torch.backends.cuda.mem_efficient_sdp_enabled(),
+            )
+        )
+    )
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        with torch.no_grad():
+            logits = tiny_model.eval()(**batch(tiny_tokenizer)).logits
+    finally:
+        hook.remove()
+    assert seen == [(False, True, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # restored for the caller's own attention
+    with torch.no_grad():
+        pooled = tiny_model.embed(**batch(tiny_tokenizer))[0]
+    torch.testing.assert_close(logits[0], tiny_model.heads["category"](pooled))

@@ -208,3 +208,10 @@ def test_augmented_training_batches_are_not_cached(tiny_model, make_trainer, tin
         trainer.train()
     assert "input_ids" in trainer.train_dataset.column_names  # the encoder still sees every (cut) batch
     assert "not cached" in caplog.text
+
+
+@pytest.mark.parametrize(("bf16", "width"), [(False, 11), (True, 16)])
+def test_default_collator_pads_to_a_multiple_of_8_in_mixed_precision(tiny_model, make_trainer, bf16, width):
+    rows = [{"text": " ".join(["phone"] * 9), "category": "Tech", "sentiment": "Positive"}] * 4  # 11 tokens
+    trainer = make_trainer(tiny_model, rows, bf16=bf16)
+    assert {batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()} == {width}
