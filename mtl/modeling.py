@@ -23,8 +23,8 @@ IGNORE_INDEX = -100
 DEFAULT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # Attention kernels the encoder may use. Our batches change shape all the time (dynamic padding, length-grouped
 # training batches, the pipeline's length-sorted batches). On Hopper GPUs torch tries cuDNN attention first, and cuDNN
-# builds an execution plan for every new (batch, length) shape it meets, which made our training steps several times
-# slower than the same steps at one fixed shape; these kernels need no plan.
+# builds an execution plan for every new (batch, length) shape it meets: on an H200 our training steps took 0.2 s
+# against the stock Trainer's 0.06 (benchmarks/RESULTS.md). These kernels need no per-shape plan.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

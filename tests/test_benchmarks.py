@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts on a tiny slice with the tiny model."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def bench_dir(tmp_path) -> Path:
     return tmp_path
 
 
-def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir):
+def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir, capsys):
     import accuracy
 
     results = tmp_path / "RESULTS.md"
@@ -54,11 +55,22 @@ def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir):
             "32",
             "--batch_size",
             "4",
+            "--frozen_batch_size",
+            "16",
             "--results_file",
             str(results),
         ]
     )
     assert [row["system"] for row in rows] == ["multitask", "single", "frozen"]
+    # each system's row is logged as soon as it is scored, so a run cut short keeps what it finished
+    log = capsys.readouterr().err  # the script's own logging setup writes to stderr
+    for row in rows:
+        assert f"INFO benchmarks.accuracy: {row['system']}: {{" in log
+    batch_sizes = {
+        name: json.loads((tmp_path / "out" / name / "model" / "trainer_state.json").read_text())["train_batch_size"]
+        for name in ("multitask", "single-category", "frozen")
+    }
+    assert batch_sizes == {"multitask": 4, "single-category": 4, "frozen": 16}
     for row in rows:
         for header, *_ in accuracy.COLUMNS:
             assert 0.0 <= row[header] <= 100.0, (row["system"], header)
