@@ -192,14 +192,11 @@ def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) ->
         "50",
         "--report_to",
         "none",
-        "--dataloader_num_workers",
-        "2" if torch.cuda.is_available() else "0",
         *extra,  # last: a system's own values win (argparse keeps the last of a repeated flag)
     ]
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
-    if torch.cuda.is_available():
-        argv += ["--bf16"]
+    # No --bf16 or loader workers here: MultiTaskTrainingArguments turns both on when a GPU is present.
     logger.info("%s: python run_train.py %s", name, shlex.join(argv))
     start = time.perf_counter()
     run_train.main(argv)

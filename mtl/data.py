@@ -249,8 +249,7 @@ class MultiTaskDataCollator:
     def for_training_args(cls, tokenizer: PreTrainedTokenizerBase, args) -> "MultiTaskDataCollator":
         """The collator for a run with these `TrainingArguments`: in bf16/fp16, batches are padded to a multiple of 8
         tokens, the shapes tensor cores work on; it also keeps the number of distinct batch shapes small."""
-        mixed_precision = getattr(args, "bf16", False) or getattr(args, "fp16", False)
-        return cls(tokenizer, pad_to_multiple_of=8 if mixed_precision else None)
+        return cls(tokenizer, pad_to_multiple_of=8 if args.bf16 or args.fp16 else None)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if "pooled_embeddings" not in features[0]:
