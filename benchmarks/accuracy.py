@@ -3,10 +3,12 @@ budget) and against the frozen encoder with trained heads, side by side.
 
     python benchmarks/accuracy.py --data_dir ../shared/data/bench       # full run (one H200: about 7 min, estimated)
     python benchmarks/accuracy.py --data_dir ../shared/data/bench --max_train_samples 400 --max_eval_samples 500
+    python benchmarks/accuracy.py --data_dir ../shared/data/bench --jobs 4   # on a GPU: the four trainings at once
 
 Trains on train.jsonl, selects the best epoch on validation.jsonl (mean macro-recall of the tasks), and reports on
-the held-out test and out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run; the table
-goes to stdout and, with --results_file, is appended to a Markdown file with the command, hardware and date.
+the held-out test and out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run (two for
+"single": one per task); the table goes to stdout and, with --results_file, is appended to a Markdown file with the
+command, hardware and date.
 """
 
 import datetime
@@ -15,8 +17,10 @@ import logging
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,8 @@ from mtl.modeling import IGNORE_INDEX
 from mtl.pipeline import MultiTaskPipeline
 
 logger = logging.getLogger("benchmarks.accuracy")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Columns of the table: (header, test file, task, metric).
 COLUMNS = [
@@ -108,6 +114,14 @@ class BenchmarkArguments:
         },
     )
     seed: int = field(default=0, metadata={"help": "Random seed of every run."})
+    jobs: int = field(
+        default=1,
+        metadata={
+            "help": "Training runs at once. 1: one after another, in this process. N > 1: up to N run_train.py "
+            "processes at once (each logs to its folder's run_train.log), for a GPU that one run at batch 32 leaves "
+            "mostly idle. Each run's wall time then includes the others' load."
+        },
+    )
     results_file: str | None = field(default=None, metadata={"help": "Append the table to this Markdown file."})
 
     def __post_init__(self):
@@ -117,6 +131,8 @@ class BenchmarkArguments:
         known = list(MultiTaskConfig().tasks)
         if self.tasks and set(self.tasks) - set(known):
             raise ValueError(f"--tasks: unknown {sorted(set(self.tasks) - set(known))}; choose from {known}.")
+        if self.jobs < 1:
+            raise ValueError(f"--jobs must be at least 1 (runs at once), got {self.jobs}.")
         if not Path(self.data_dir, "train.jsonl").is_file():
             raise FileNotFoundError(f"--data_dir {self.data_dir} has no train.jsonl; see ../shared/data/README.md.")
 
@@ -140,8 +156,8 @@ def write_subset(rows: list[dict], tasks: list[str], limit: int | None, path: Pa
     return path
 
 
-def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) -> tuple[Path, float]:
-    """One run_train.py run on the chosen tasks; returns the model directory and the wall time."""
+def prepare(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) -> tuple[Path, list[str]]:
+    """Write one run's training and validation subsets; returns its folder and its run_train.py arguments."""
     work = Path(args.output_dir, name)
     work.mkdir(parents=True, exist_ok=True)
     source = Path(args.data_dir)
@@ -197,10 +213,29 @@ def train(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) ->
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
     # No --bf16 or loader workers here: MultiTaskTrainingArguments turns both on when a GPU is present.
-    logger.info("%s: python run_train.py %s", name, shlex.join(argv))
+    return work, argv
+
+
+def execute(args: BenchmarkArguments, work: Path, argv: list[str], running: list | None = None) -> float:
+    """Train one run: in this process, or (with --jobs > 1) as its own run_train.py process, listed in `running` so
+    that it can be stopped if another run fails. Returns the wall time."""
+    logger.info("%s: python run_train.py %s", work.name, shlex.join(argv))
     start = time.perf_counter()
-    run_train.main(argv)
-    return work / "model", time.perf_counter() - start
+    if args.jobs == 1:
+        run_train.main(argv)
+        return time.perf_counter() - start
+    log = work / "run_train.log"
+    with log.open("w", encoding="utf-8") as handle:
+        process = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), *argv], stdout=handle, stderr=handle)
+        if running is not None:
+            running.append(process)
+        code = process.wait()
+    if code:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+        raise ValueError(f"{work.name}: run_train.py exited with {code} ({' '.join(tail)}); full log: {log}")
+    seconds = time.perf_counter() - start
+    logger.info("%s: trained in %.0f s", work.name, seconds)
+    return seconds
 
 
 def score(args: BenchmarkArguments, model_dir: Path) -> tuple[dict[str, float], float]:
@@ -222,7 +257,8 @@ def score(args: BenchmarkArguments, model_dir: Path) -> tuple[dict[str, float], 
     return scores, time.perf_counter() - start
 
 
-def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
+def plan_system(args: BenchmarkArguments, system: str, tasks: dict) -> list[tuple[Path, list[str]]]:
+    """The run(s) of one system: (folder, run_train.py arguments) each."""
     common = [
         "--num_train_epochs",
         str(args.num_train_epochs),
@@ -241,8 +277,8 @@ def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
         common += ["--random_truncation_min_length", str(args.random_truncation_min_length)]
     if system == "multitask":
         extra = [*common, "--task_mixing", args.task_mixing, "--mixing_temperature", str(args.mixing_temperature)]
-        runs = [train(args, system, tasks, extra)]
-    elif system == "frozen":
+        return [prepare(args, system, tasks, extra)]
+    if system == "frozen":
         extra = [
             "--freeze",
             "encoder",
@@ -255,12 +291,16 @@ def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
             "--task_mixing",
             args.task_mixing,
         ]
-        runs = [train(args, system, tasks, extra)]
-    else:  # one model per task, each with the multi-task model's budget
-        runs = [train(args, f"single-{task}", {task: labels}, common) for task, labels in tasks.items()]
-    row = {"system": system, "train_s": sum(seconds for _, seconds in runs), "eval_s": 0.0}
-    for model_dir, _ in runs:
-        scores, seconds = score(args, model_dir)
+        return [prepare(args, system, tasks, extra)]
+    # one model per task, each with the multi-task model's budget
+    return [prepare(args, f"single-{task}", {task: labels}, common) for task, labels in tasks.items()]
+
+
+def score_system(args: BenchmarkArguments, system: str, runs: list[Path], train_seconds: list[float]) -> dict:
+    """One row of the table: every run's scores (each run fills its tasks' columns) and the summed times."""
+    row = {"system": system, "train_s": sum(train_seconds), "eval_s": 0.0}
+    for work in runs:
+        scores, seconds = score(args, work / "model")
         row.update(scores)
         row["eval_s"] += seconds
     # Logged as soon as known, so that a run cut short (e.g. by a time limit) still leaves each finished system's row.
@@ -270,6 +310,36 @@ def run_system(args: BenchmarkArguments, system: str, tasks: dict) -> dict:
         json.dumps({key: round(value, 2) if isinstance(value, float) else value for key, value in row.items()}),
     )
     return row
+
+
+def run_systems(args: BenchmarkArguments, tasks: dict) -> list[dict]:
+    """Train and score every system. With --jobs > 1 the trainings overlap, and each system is scored as soon as its
+    own runs are done (in the order of --systems)."""
+    plans = {system: plan_system(args, system, tasks) for system in args.systems}
+    if args.jobs == 1:
+        return [
+            score_system(args, system, [work for work, _ in runs], [execute(args, *run) for run in runs])
+            for system, runs in plans.items()
+        ]
+    running: list[subprocess.Popen] = []
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = {
+            system: [pool.submit(execute, args, work, argv, running) for work, argv in runs]
+            for system, runs in plans.items()
+        }
+        return [
+            score_system(args, system, [work for work, _ in runs], [future.result() for future in futures[system]])
+            for system, runs in plans.items()
+        ]
+    except BaseException:
+        # One run failed (or Ctrl-C): do not leave the others training for minutes behind an error message.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in running:
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown()
 
 
 def markdown(rows: list[dict]) -> str:
@@ -291,13 +361,17 @@ def main(argv=None) -> list[dict]:
     (args,) = parse_arguments(HfArgumentParser(BenchmarkArguments), argv)
     setup_logging()
     tasks = {task: labels for task, labels in MultiTaskConfig().tasks.items() if not args.tasks or task in args.tasks}
-    rows = [run_system(args, system, tasks) for system in args.systems]
+    start = time.perf_counter()
+    rows = run_systems(args, tasks)
+    total = time.perf_counter() - start
     table = markdown(rows)
+    logger.info("All systems trained and scored in %.0f s (--jobs %d)", total, args.jobs)
     sys.stdout.write(table + "\n")
     if args.results_file:
         command = "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         with open(args.results_file, "a", encoding="utf-8") as handle:
             handle.write(f"\n### Accuracy, {datetime.date.today()}, {hardware()}\n\n`{command}`\n\n{table}\n")
+            handle.write(f"\nWall time of the whole run: {total:.0f} s (--jobs {args.jobs}).\n")
     return rows
 
 

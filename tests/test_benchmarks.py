@@ -115,11 +115,49 @@ def test_accuracy_benchmark_tries_checkpoint_averaging(tmp_path, bench_dir, tiny
     assert any("eval_averaged_mean_macro_recall" in entry for entry in history)  # the mean was scored on validation
 
 
+def test_accuracy_benchmark_runs_trainings_in_parallel(tmp_path, bench_dir, tiny_encoder_dir):
+    import accuracy
+
+    def argv(jobs: int) -> list[str]:
+        flags = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tiny_encoder_dir), "--jobs", str(jobs)]
+        flags += ["--output_dir", str(tmp_path / f"jobs{jobs}"), "--max_train_samples", "8", "--num_train_epochs", "1"]
+        return [*flags, "--max_seq_length", "32", "--batch_size", "4", "--systems", "multitask", "single"]
+
+    sequential = accuracy.main(argv(1))
+    parallel = accuracy.main(argv(3))  # the three trainings (multitask, single-category, single-sentiment) at once
+    assert [row["system"] for row in parallel] == ["multitask", "single"]
+    for one, other in zip(sequential, parallel, strict=True):
+        # the same seeded runs, so the same scores, whether trained in this process or in their own
+        assert {k: v for k, v in one.items() if not k.endswith("_s")} == {
+            k: v for k, v in other.items() if not k.endswith("_s")
+        }
+    for name in ("multitask", "single-category", "single-sentiment"):
+        assert (tmp_path / "jobs3" / name / "model" / "model.safetensors").is_file()
+        assert "***** train metrics *****" in (tmp_path / "jobs3" / name / "run_train.log").read_text()
+
+
+def test_accuracy_benchmark_reports_a_failed_parallel_run(tmp_path, bench_dir):
+    import accuracy
+
+    argv = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tmp_path / "no-such-model")]
+    argv += ["--output_dir", str(tmp_path / "out"), "--systems", "single", "--jobs", "2"]
+    # the run's own one-line error, and where its whole log is
+    with pytest.raises(ValueError, match=r"single-\w+: run_train\.py exited with 1 \(error: .*no-such-model.*log: "):
+        accuracy.main(argv)
+
+
 def test_accuracy_benchmark_refuses_an_unknown_task(bench_dir):
     import accuracy
 
     with pytest.raises(ValueError, match=r"--tasks: unknown \['topic'\]; choose from \['category', 'sentiment'\]"):
         accuracy.BenchmarkArguments(data_dir=str(bench_dir), tasks=["topic"])
+
+
+def test_accuracy_benchmark_refuses_zero_jobs(bench_dir):
+    import accuracy
+
+    with pytest.raises(ValueError, match=r"--jobs must be at least 1 \(runs at once\), got 0"):
+        accuracy.BenchmarkArguments(data_dir=str(bench_dir), jobs=0)
 
 
 def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
