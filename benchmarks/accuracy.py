@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,10 +328,16 @@ def run_systems(args: BenchmarkArguments, tasks: dict) -> list[dict]:
             system: [pool.submit(execute, args, work, argv, running) for work, argv in runs]
             for system, runs in plans.items()
         }
-        return [
-            score_system(args, system, [work for work, _ in runs], [future.result() for future in futures[system]])
-            for system, runs in plans.items()
-        ]
+        pending = {future for system_futures in futures.values() for future in system_futures}
+        rows = []
+        for system, runs in plans.items():
+            while not all(future.done() for future in futures[system]):
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # a failed run stops everything now, not when its system's turn comes
+            seconds = [future.result() for future in futures[system]]
+            rows.append(score_system(args, system, [work for work, _ in runs], seconds))
+        return rows
     except BaseException:
         # One run failed (or Ctrl-C): do not leave the others training for minutes behind an error message.
         pool.shutdown(wait=False, cancel_futures=True)

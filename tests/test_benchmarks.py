@@ -146,6 +146,23 @@ def test_accuracy_benchmark_reports_a_failed_parallel_run(tmp_path, bench_dir):
         accuracy.main(argv)
 
 
+def test_accuracy_benchmark_stops_the_other_runs_when_one_fails(tmp_path, bench_dir, tiny_encoder_dir):
+    import time
+
+    import accuracy
+
+    argv = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tiny_encoder_dir), "--jobs", "3"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8", "--max_seq_length", "32"]
+    # The single-task runs would train for minutes; the multi-task run, scored after them, fails at once.
+    argv += ["--systems", "single", "multitask", "--num_train_epochs", "2000", "--mixing_temperature", "0"]
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"multitask: run_train\.py exited with 1 \(error: --mixing_temperature"):
+        accuracy.main(argv)
+    assert time.perf_counter() - start < 60
+    for name in ("single-category", "single-sentiment"):  # stopped, not left training: no final model
+        assert not (tmp_path / "out" / name / "model" / "model.safetensors").exists()
+
+
 def test_accuracy_benchmark_refuses_an_unknown_task(bench_dir):
     import accuracy
 
