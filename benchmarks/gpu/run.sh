@@ -54,10 +54,10 @@ case $what in
   stage) ;;
   accuracy)
     # --jobs 4: the four trainings at once (each logs to its own run_train.log, copied to $out afterwards)
+    runs=/tmp/mtl-bench-accuracy
     python3 benchmarks/accuracy.py --data_dir "$kit/bench" --model_name_or_path "$kit/model" --jobs 4 \
-      --output_dir /tmp/mtl-bench-accuracy --results_file "$out/RESULTS.md" "$@" 2>&1 | tee "$out/accuracy.log" \
-      || status=$?
-    for log in /tmp/mtl-bench-accuracy/*/run_train.log; do
+      --output_dir "$runs" --results_file "$out/RESULTS.md" "$@" 2>&1 | tee "$out/accuracy.log" || status=$?
+    for log in "$runs"/*/run_train.log; do
       [[ -f $log ]] && cp "$log" "$out/run_train-$(basename "$(dirname "$log")").log"
     done
     (( ${status:-0} == 0 )) || exit "$status" ;;
