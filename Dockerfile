@@ -2,7 +2,7 @@
 #
 #   docker build -t mtl .
 #   docker run mtl                                   # python run_train.py: train on data/, then evaluate
-#   docker run mtl python -m mtl.predict MODEL "some text"
+#   docker run -v "$PWD/outputs:/app/outputs" mtl python -m mtl.predict outputs/mtl-minilm "some text"
 #
 # Build arguments (README.md, "Docker"):
 #   TORCH_INDEX_URL  the index torch comes from. The default, PyTorch's CPU index, keeps the image small: PyPI's

@@ -17,6 +17,7 @@ from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import label_matrix, load_files
 from mtl.metrics import flat_metrics, format_report, task_reports
 from mtl.pipeline import MultiTaskPipeline
+from mtl.predict import write_predictions
 
 logger = logging.getLogger("run_eval")
 
@@ -46,7 +47,7 @@ class EvalArguments:
     )
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(HfArgumentParser(EvalArguments), argv)
     setup_logging()
     pipeline = MultiTaskPipeline.from_pretrained(
@@ -73,9 +74,7 @@ def main(argv=None) -> dict:
     named = {task: {**report, "labels": tasks[task]} for task, report in reports.items()}
     (output_dir / "eval_report.json").write_text(json.dumps(named, indent=2) + "\n")
     if args.predictions_file:
-        with open(args.predictions_file, "w", encoding="utf-8") as handle:
-            for prediction in pipeline.postprocess(texts, logits):
-                handle.write(json.dumps(prediction, ensure_ascii=False) + "\n")
+        write_predictions(pipeline.postprocess(texts, logits), args.predictions_file)
     logger.info("Wrote %s", output_dir / "eval_results.json")
     return results
 

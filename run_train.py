@@ -9,7 +9,8 @@ accelerate launch run_train.py ...                   # several processes / GPUs
 import logging
 import sys
 
-from transformers import AutoTokenizer, HfArgumentParser, set_seed
+from datasets import Dataset
+from transformers import HfArgumentParser, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
@@ -27,19 +28,22 @@ from mtl.data import (
 from mtl.freezing import check_freeze
 from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
-from mtl.modeling import load_config, load_multitask_model, resolve_encoder_name
+from mtl.modeling import load_config, load_multitask_model, load_tokenizer, resolve_encoder_name
 from mtl.trainer import resolve_task_weights
 
 logger = logging.getLogger("run_train")
 
 
-def load_split(data_args: DataArguments, tasks: dict, split: str, files) -> object | None:
+def load_split(data_args: DataArguments, tasks: dict, split: str, files: str | list[str] | None) -> Dataset | None:
+    """A split from the local files, or from --dataset_name; an empty --validation_file/--test_file means none."""
+    if not files:
+        return None
     if data_args.dataset_name:
         return load_hub(data_args.dataset_name, split, tasks, data_args.text_column, data_args.dataset_config_name)
-    return load_files(files, tasks, data_args.text_column) if files else None
+    return load_files(files, tasks, data_args.text_column)
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser, argv)
     hub_push = detach_hub_push(training_args)  # pushed once at the end; the token kept out of training_args.bin
@@ -65,19 +69,22 @@ def main(argv=None) -> dict:
 
     # 2. Read and check every data file before anything is written.
     train = load_split(data_args, tasks, "train", data_args.train_file)
+    if data_args.max_train_samples:  # before the label checks, which must hold for the rows that train
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
     train_source = data_args.dataset_name or ", ".join(data_args.train_file)
     train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
     validation = load_split(data_args, tasks, "validation", data_args.validation_file)
     test = load_split(data_args, tasks, "test", data_args.test_file)
-    if data_args.max_train_samples:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if validation is None:
+        training_args.disable_evaluation("--validation_file is empty")
     if data_args.max_eval_samples:
         validation, test = (
             d.select(range(min(data_args.max_eval_samples, len(d)))) if d else d for d in (validation, test)
         )
 
-    # 3. Model and tokenizer.
+    # 3. Tokenizer and model.
+    tokenizer = load_tokenizer(source)
     if continuing:
         model = load_multitask_model(source, allow_pickle=model_args.allow_pickle)
     else:
@@ -88,7 +95,6 @@ def main(argv=None) -> dict:
             classifier_dropout=model_args.classifier_dropout,
             allow_pickle=model_args.allow_pickle,
         )
-    tokenizer = AutoTokenizer.from_pretrained(source)
     with training_args.main_process_first(desc="tokenizing"):
         train, validation, test = (
             tokenize(d, tokenizer, data_args.max_seq_length, data_args.text_column) if d else d

@@ -1,5 +1,6 @@
 """Every command-line option, once: dataclasses parsed by `HfArgumentParser` (flags, or one JSON/YAML file)."""
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +10,14 @@ import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
-from .configuration import validate_tasks
+from .checkpointing import checkpoint_folders
+from .configuration import DEFAULT_TASKS, validate_tasks
 from .freezing import parse_freeze
 from .sampling import MIXING_STRATEGIES
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = "outputs/mtl-minilm"
 STEP_SCHEDULER = "step"
@@ -31,8 +36,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": 'Tasks and label names for a new model, as JSON (\'{"topic": ["World", "Sports"]}\') or the '
-            "path of a JSON/YAML file holding that mapping. Default: category [Tech, Sports, Politics] and "
-            "sentiment [Positive, Negative, Neutral]. A saved mtl model keeps its own tasks."
+            f"path of a JSON/YAML file holding that mapping. Default: {DEFAULT_TASKS}. A saved mtl model keeps its "
+            "own tasks."
         },
     )
     pooling: str = field(default="mean", metadata={"help": "Sentence pooling of a new model: 'mean' or 'cls'."})
@@ -69,7 +74,8 @@ class DataArguments:
         },
     )
     validation_file: str | None = field(
-        default="data/validation.jsonl", metadata={"help": "Evaluated at every epoch. Empty string: none."}
+        default="data/validation.jsonl",
+        metadata={"help": "Evaluated during training (--eval_strategy). Empty string: none, and no evaluation."},
     )
     test_file: str | None = field(
         default="data/test.jsonl", metadata={"help": "Held-out file evaluated after training. Empty string: none."}
@@ -151,8 +157,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default="group_by_length",
         metadata={
             "help": "'group_by_length' (default: batches of similar lengths, so little padding is computed; still "
-            "shuffled), 'random', 'sequential' or 'batch_rebalance'. --task_mixing other than proportional "
-            "replaces it.",
+            "shuffled), 'random', 'sequential' or 'batch_rebalance'. A --task_mixing other than proportional "
+            "draws the rows itself, its batches still grouped by length under group_by_length.",
             "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
         },
     )
@@ -305,12 +311,35 @@ class MultiTaskTrainingArguments(TrainingArguments):
                 f"{self.save_total_limit} deletes them; set --save_total_limit to at least {needed}."
             )
 
+    def disable_evaluation(self, reason: str) -> None:
+        """No validation set (`reason` says why): evaluate never, instead of the default every epoch; options that
+        need evaluation are refused."""
+        if self.eval_strategy == IntervalStrategy.NO:
+            return
+        if self.load_best_model_at_end:
+            raise ValueError(
+                f"--load_best_model_at_end needs a validation set, but {reason}; give --validation_file or leave "
+                "--load_best_model_at_end out."
+            )
+        logger.info("No evaluation during training: %s.", reason)
+        self.eval_strategy = IntervalStrategy.NO
+        self.do_eval = False
+
     def _check_output_dir(self) -> None:
-        """Refuse to overwrite a trained model by accident (resuming into the same directory is fine)."""
+        """Refuse to overwrite a trained model or an earlier run's checkpoints by accident (resuming into the same
+        directory is fine; with --overwrite_output_dir the trainer deletes the old checkpoints)."""
+        if self.overwrite_output_dir or self.resume_from_checkpoint:
+            return
         directory = Path(self.output_dir)
-        trained = any((directory / name).exists() for name in ("config.json", "model.safetensors"))
-        if trained and not self.overwrite_output_dir and not self.resume_from_checkpoint:
+        if any((directory / name).exists() for name in ("config.json", "model.safetensors")):
             raise ValueError(
                 f"--output_dir {directory} already holds a trained model; pass --overwrite_output_dir to replace "
                 "it, --resume_from_checkpoint to continue, or choose another --output_dir."
+            )
+        checkpoints = [path.name for path in checkpoint_folders(directory)]
+        if checkpoints:
+            raise ValueError(
+                f"--output_dir {directory} holds an earlier run's checkpoints ({', '.join(checkpoints)}); pass "
+                "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to start again "
+                "(the checkpoints are deleted), or choose another --output_dir."
             )

@@ -15,12 +15,10 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
+from .data import EMBEDDINGS_COLUMN, TOKEN_COLUMNS
 from .modeling import MultiTaskModel
 
 logger = logging.getLogger(__name__)
-
-EMBEDDINGS_COLUMN = "pooled_embeddings"
-TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def default_cache_dir() -> Path:

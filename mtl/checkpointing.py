@@ -6,6 +6,7 @@ it (or without weights) was cut short while saving: it is never picked for resum
 
 import logging
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from .configuration import MultiTaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +29,27 @@ def is_complete(checkpoint: Path) -> bool:
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """The complete `checkpoint-<step>` folders in `output_dir` by step (incomplete ones skipped, with a warning)."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
     complete = []
-    for _, checkpoint in sorted(found):
+    for checkpoint in checkpoint_folders(output_dir):
         if is_complete(checkpoint):
             complete.append(checkpoint)
         else:
             logger.warning("Skipping %s: it is incomplete (interrupted while saving).", checkpoint)
     return complete
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every `checkpoint-<step>` folder in `output_dir`, complete or not, by step."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete the checkpoints an earlier run left in `output_dir` (--overwrite_output_dir): resuming, checkpoint
+    rotation and --average_checkpoints go by step number, so they would mix the earlier run's weights into this one."""
+    for checkpoint in checkpoint_folders(output_dir):
+        logger.warning("--overwrite_output_dir: deleting %s, left by an earlier run.", checkpoint)
+        shutil.rmtree(checkpoint)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -61,6 +77,19 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str
             "or not a training checkpoint; use an earlier checkpoint or --resume_from_checkpoint latest."
         )
     return str(checkpoint)
+
+
+def check_checkpoint_tasks(checkpoint: str | Path, tasks: dict[str, list[str]]) -> None:
+    """A checkpoint resumes only a model with its tasks and labels, in its order: the Trainer would otherwise load it
+    with fresh heads (missing keys are only a warning) or fail on a shape deep inside torch."""
+    if not Path(checkpoint, "config.json").is_file():
+        return
+    saved = MultiTaskConfig.from_pretrained(checkpoint).tasks
+    if list(saved.items()) != list(tasks.items()):
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained with tasks {saved}, but this run's model has {tasks}; "
+            "resume with the same --tasks and --model_name_or_path as the run that wrote it."
+        )
 
 
 class TrainingInterrupted(Exception):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import transformers
+import yaml
 from transformers import HfArgumentParser
 
 from .checkpointing import TrainingInterrupted
@@ -27,9 +28,13 @@ def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None)
         path = Path(argv[0])
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist.")
-        if path.suffix.lower() == ".json":
-            return parser.parse_json_file(path)
-        return parser.parse_yaml_file(path)
+        try:
+            if path.suffix.lower() == ".json":
+                return parser.parse_json_file(path)
+            return parser.parse_yaml_file(path)
+        except yaml.YAMLError as error:  # JSON's decode error is already a ValueError
+            problem = " ".join(str(error).split())
+            raise ValueError(f"config file {path} is not valid YAML: {problem}") from None
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -45,6 +50,12 @@ def setup_logging(level: int = logging.INFO, library_level: int = logging.WARNIN
     datasets.utils.logging.set_verbosity(max(library_level, logging.WARNING))
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to its first line (or its type, when it has none): what fits one CLI line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call `main`; a bad input (ValueError, FileNotFoundError) becomes one 'error:' line on stderr and exit 1."""
     try:
@@ -52,8 +63,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except (ValueError, FileNotFoundError) as error:
         if os.environ.get(DEBUG_ENV):
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {first_line(error)}\n")
         return 1
     except TrainingInterrupted as stopped:
         sys.stderr.write(f"error: {stopped}\n")

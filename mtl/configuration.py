@@ -14,8 +14,9 @@ DEFAULT_TASKS: dict[str, list[str]] = {
 POOLING_MODES = ("mean", "cls")
 # Task names become file keys, metric names and CLI values: keep them to a safe, path-free alphabet.
 _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-# Words the freeze option reserves, so they cannot also be task names.
-RESERVED_TASK_NAMES = ("none", "all", "encoder", "labels", "loss", "text")
+# Names that already mean something where task names appear: --freeze's keywords, the data's columns, the loss, and
+# the `mean_<metric>` averages over the tasks.
+RESERVED_TASK_NAMES = ("none", "all", "encoder", "labels", "loss", "text", "mean")
 
 
 def validate_tasks(tasks: dict[str, list[str]]) -> None:

@@ -12,11 +12,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainingArguments
 
 from .modeling import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
+
+# The columns a tokenized row feeds the model, and the one that replaces them when the encoder's output is cached.
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+EMBEDDINGS_COLUMN = "pooled_embeddings"
 
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
 
@@ -177,9 +181,22 @@ def load_files(paths: str | Path | list, tasks: dict[str, list[str]], text_colum
 def load_hub(
     name: str, split: str, tasks: dict[str, list[str]], text_column: str = "text", config_name: str | None = None
 ) -> datasets.Dataset:
-    """A split of a `datasets` Hub data set (needs network), validated like local files; class ids map by position."""
+    """A split of a `datasets` Hub data set (needs network), validated like local files. A `ClassLabel` column is
+    read by its label names, so its class order need not match the task's."""
     dataset = datasets.load_dataset(name, config_name, split=split)
-    rows = ((index, row) for index, row in enumerate(dataset, start=1))
+    class_names = {
+        task: feature.names
+        for task, feature in dataset.features.items()
+        if task in tasks and isinstance(feature, datasets.ClassLabel)
+    }
+
+    def named(row: dict) -> dict:
+        for task, names in class_names.items():
+            value = row[task]
+            row[task] = names[value] if value is not None and value >= 0 else None  # -1: ClassLabel's "no label"
+        return row
+
+    rows = ((index, named(row)) for index, row in enumerate(dataset, start=1))
     return _to_dataset(encode_rows(rows, f"{name}[{split}]", tasks, text_column), tasks, text_column)
 
 
@@ -196,7 +213,7 @@ def _to_dataset(columns: dict[str, list], tasks: dict[str, list[str]], text_colu
 def label_matrix(dataset: datasets.Dataset) -> np.ndarray:
     """The `labels` column as a (rows, tasks) integer array."""
     labels = dataset.select_columns(["labels"]).with_format("numpy")[:]["labels"]
-    return np.asarray(labels, dtype=np.int64).reshape(len(dataset), -1)
+    return np.asarray(labels, dtype=np.int64).reshape(len(dataset), dataset.features["labels"].length)
 
 
 def labelled_counts(dataset: datasets.Dataset, tasks: dict[str, list[str]]) -> dict[str, int]:
@@ -208,13 +225,19 @@ def labelled_counts(dataset: datasets.Dataset, tasks: dict[str, list[str]]) -> d
 def drop_unlabelled(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
     """Training rows with no label for any task teach nothing but cost a forward pass: leave them out."""
     keep = np.flatnonzero((label_matrix(dataset) != IGNORE_INDEX).any(axis=1))
+    if len(keep) == 0:
+        raise DataError(
+            f"{source}: no row has a label for any task; fill in at least one task column (named after the task)."
+        )
     if len(keep) < len(dataset):
         logger.warning("%s: %d row(s) have no label for any task and are skipped.", source, len(dataset) - len(keep))
         dataset = dataset.select(keep)
     return dataset
 
 
-def require_labels(dataset: datasets.Dataset, tasks: dict[str, list[str]], tasks_to_check: list[str], source: str):
+def require_labels(
+    dataset: datasets.Dataset, tasks: dict[str, list[str]], tasks_to_check: list[str], source: str
+) -> None:
     """A task that is trained must have at least one labelled training row, or its head would learn nothing."""
     counts = labelled_counts(dataset, tasks)
     empty = [task for task in tasks_to_check if counts[task] == 0]
@@ -246,16 +269,16 @@ class MultiTaskDataCollator:
         self.padder = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
     @classmethod
-    def for_training_args(cls, tokenizer: PreTrainedTokenizerBase, args) -> "MultiTaskDataCollator":
+    def for_training_args(cls, tokenizer: PreTrainedTokenizerBase, args: TrainingArguments) -> "MultiTaskDataCollator":
         """The collator for a run with these `TrainingArguments`: in bf16/fp16, batches are padded to a multiple of 8
         tokens, the shapes tensor cores work on; it also keeps the number of distinct batch shapes small."""
         return cls(tokenizer, pad_to_multiple_of=8 if args.bf16 or args.fp16 else None)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if "pooled_embeddings" not in features[0]:
+        if EMBEDDINGS_COLUMN not in features[0]:
             return self.padder(features)
-        embeddings = np.asarray([f["pooled_embeddings"] for f in features], dtype=np.float32)
-        batch = {"pooled_embeddings": torch.from_numpy(embeddings)}
+        embeddings = np.asarray([f[EMBEDDINGS_COLUMN] for f in features], dtype=np.float32)
+        batch = {EMBEDDINGS_COLUMN: torch.from_numpy(embeddings)}
         if "labels" in features[0]:
             batch["labels"] = torch.from_numpy(np.asarray([f["labels"] for f in features], dtype=np.int64))
         return batch
@@ -292,7 +315,7 @@ class RandomTruncation:
             return feature
         keep_last = ids[-1] in self.special_ids
         cut = dict(feature)
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
+        for key in TOKEN_COLUMNS:
             if key in feature:
                 values = list(feature[key])
                 cut[key] = values[: length - 1] + values[-1:] if keep_last else values[:length]

@@ -2,6 +2,7 @@
 callback that keeps the encoder out of training for the first N epochs."""
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -93,7 +94,8 @@ class UnfreezeEncoderCallback(TrainerCallback):
         logger.info("The encoder is frozen for the first %d epoch(s)", self.after_epochs)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        epochs_done = round(state.epoch or 0.0)
+        # Whole epochs only: a run resumed mid-epoch (state.epoch 1.5) has done one, not two.
+        epochs_done = math.floor((state.epoch or 0.0) + 1e-9)
         if self.frozen and epochs_done >= self.after_epochs:
             self.frozen = False
             logger.info("Epoch %d: encoder unfrozen, the whole model now trains", epochs_done)

@@ -13,6 +13,7 @@ from huggingface_hub.utils import httpx, validate_repo_id
 from transformers import TrainingArguments
 
 from .args import STEP_SCHEDULER, DataArguments
+from .cli import first_line
 from .configuration import MultiTaskConfig
 from .modeling import DEFAULT_ENCODER_HUB_ID, default_encoder_path, resolve_encoder_name
 
@@ -113,17 +114,12 @@ def _failure_reason(error: BaseException) -> str:
             )
         if status == 403:
             return f"the token may not write to this repository (403 Forbidden: {error.server_message})"
-        return f"{endpoint} answered {status}: {error.server_message or _first_line(error)}"
+        return f"{endpoint} answered {status}: {error.server_message or first_line(error)}"
     if isinstance(error, httpx.TransportError):
         return (
             f"cannot reach the Hub at {endpoint} ({type(error).__name__}: {error}); check the network or HF_ENDPOINT"
         )
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 # ---- the model card ----
@@ -152,6 +148,7 @@ def write_model_card(
         tags=[tags] if isinstance(tags, str) else tags or (),
         language=language,
         license=license,
+        averaged=getattr(trainer, "averaged_checkpoints", ()),
     )
     path = Path(args.output_dir) / MODEL_CARD_NAME
     card.save(path)
@@ -170,12 +167,13 @@ def build_model_card(
     tags: Iterable[str] = (),
     language: str | None = None,
     license: str | None = None,
+    averaged: Sequence[str] = (),
 ) -> ModelCard:
     """The card of a trained model: Hub metadata (per-task results as `model-index`), then the tasks and labels, how
     it was trained, its results, and how to use it with or without mtl.
 
     Task and label names come from `config`; `metrics` holds the Trainer's `eval_*`/`test_*` values; `sources` maps
-    each split to the data it was read from.
+    each split to the data it was read from; `averaged` names the checkpoints whose mean the weights are, if any.
     """
     sources = dict(sources or {})
     model_name = repo_id.split("/")[-1]
@@ -196,7 +194,7 @@ def build_model_card(
         f"# {model_name}",
         _summary(config, base_model),
         _tasks_section(config),
-        _training_section(config, args, sources, base_model),
+        _training_section(config, args, sources, base_model, averaged),
         _results_section(config, metrics, sources),
         _usage_section(config, repo_id),
     ]
@@ -295,7 +293,11 @@ def _tasks_section(config: MultiTaskConfig) -> str:
 
 
 def _training_section(
-    config: MultiTaskConfig, args: TrainingArguments, sources: Mapping[str, Sequence[str]], base_model: str | None
+    config: MultiTaskConfig,
+    args: TrainingArguments,
+    sources: Mapping[str, Sequence[str]],
+    base_model: str | None,
+    averaged: Sequence[str],
 ) -> str:
     settings = {"encoder": f"`{base_model}`" if base_model else config.encoder.model_type, "pooling": config.pooling}
     settings.update({f"{split} data": ", ".join(names) for split, names in sources.items() if names})
@@ -312,10 +314,30 @@ def _training_section(
             "seed": str(args.seed),
         }
     )
+    settings.update(_recipe(config, args, averaged))
+    return "\n\n".join(["## Training", _table(["setting", "value"], list(map(list, settings.items())))])
+
+
+def _recipe(config: MultiTaskConfig, args: TrainingArguments, averaged: Sequence[str]) -> dict[str, str]:
+    """The multi-task options that differ from their defaults, so that the card says how to train the model again."""
+    recipe = {}
     weights = getattr(args, "task_weights", None)
     if weights:
-        settings["task weights"] = ", ".join(f"{t} {w:g}" for t, w in zip(config.tasks, weights, strict=False))
-    return "\n\n".join(["## Training", _table(["setting", "value"], list(map(list, settings.items())))])
+        recipe["task weights"] = ", ".join(f"{t} {w:g}" for t, w in zip(config.tasks, weights, strict=False))
+    mixing = getattr(args, "task_mixing", "proportional")
+    if mixing != "proportional":
+        recipe["task mixing"] = f"temperature, T={args.mixing_temperature:g}" if mixing == "temperature" else mixing
+    if getattr(args, "class_weights", "none") != "none":
+        recipe["class weights"] = args.class_weights
+    if args.label_smoothing_factor:
+        recipe["label smoothing"] = f"{args.label_smoothing_factor:g}"
+    if getattr(args, "layerwise_lr_decay", 1.0) != 1.0:
+        recipe["layer-wise learning-rate decay"] = f"{args.layerwise_lr_decay:g}"
+    if getattr(args, "head_learning_rate", None):
+        recipe["heads' learning rate"] = f"{args.head_learning_rate:g}"
+    if averaged:
+        recipe["final weights"] = f"the mean of {', '.join(averaged)}"
+    return recipe
 
 
 def _freezing(args: TrainingArguments) -> str:

@@ -18,7 +18,8 @@ _INPUTS = """
 Args:
     predictions (`list[int]`): predicted label ids.
     references (`list[int]`): gold label ids.
-    num_labels (`int`): the number of classes, so classes absent from both lists still count (as 0) in macro scores.
+    num_labels (`int`): the number of classes: the per-class lists have one entry per class, even for a class absent
+        from both lists. Macro scores average over the classes present in `references`.
 Returns:
     accuracy, macro_f1, macro_recall, macro_precision (floats); precision, recall, f1, support (lists, one entry per
     class id); confusion_matrix (rows: gold class, columns: predicted class).
@@ -43,7 +44,8 @@ class ClassificationMetrics(evaluate.Metric):
         precision, recall, f1, support = precision_recall_fscore_support(
             references, predictions, labels=labels, average=None, zero_division=0
         )
-        # Macro scores over the classes present in the references (scikit-learn's and SemEval's convention).
+        # Macro scores over the classes present in the references, as SemEval's macro-recall is defined: a class with
+        # no gold example has no recall to average (scikit-learn would also count a class only predicted, as 0).
         present = np.isin(labels, references)
         return {
             "accuracy": float(accuracy_score(references, predictions)),

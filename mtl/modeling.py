@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
@@ -97,6 +104,8 @@ def task_cross_entropy(
 def labels_to_tensor(labels: torch.Tensor | Mapping[str, torch.Tensor], task_names: Sequence[str]) -> torch.Tensor:
     """Accept `(batch, num_tasks)` label ids, or a {task: (batch,)} mapping where a left-out task is unlabelled."""
     if isinstance(labels, Mapping):
+        if not labels:
+            raise ValueError(f"labels is an empty mapping; give {{task: label ids}} for some of {list(task_names)}.")
         unknown = set(labels) - set(task_names)
         if unknown:
             raise ValueError(
@@ -271,6 +280,8 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         """
         encoded = None
         if pooled_embeddings is None:
+            if input_ids is None:
+                raise ValueError("forward() needs input_ids (tokenized texts) or pooled_embeddings (from embed()).")
             flags = {}
             if output_hidden_states:
                 flags["output_hidden_states"] = True
@@ -315,6 +326,22 @@ def load_config(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedConfig:
         return AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"Cannot read a model config from {str(name_or_path)!r}: {error}") from None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model or encoder (a directory or Hub id), with a clear error when there is none."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"Cannot load a tokenizer from {str(name_or_path)!r}: {error}") from None
+    # Without vocabulary files transformers still builds a tokenizer from the config, holding only its special
+    # tokens: every word would become [UNK] and the model would train on nothing, silently.
+    if len(tokenizer) <= len(tokenizer.all_special_ids):
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} has no tokenizer files (only {len(tokenizer)} special tokens were found); save "
+            "the encoder's tokenizer there with tokenizer.save_pretrained, or point to a directory that has one."
+        )
+    return tokenizer
 
 
 def load_multitask_model(name_or_path: str | os.PathLike, allow_pickle: bool = False, **kwargs) -> MultiTaskModel:

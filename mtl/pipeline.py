@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from scipy.special import softmax
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from .modeling import MultiTaskModel, load_multitask_model
+from .modeling import MultiTaskModel, load_multitask_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class MultiTaskPipeline:
         batch_size: int = 64,
         max_length: int | None = None,
     ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size (--batch_size) must be at least 1 text, got {batch_size}.")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must leave room for a token between [CLS] and [SEP], got {max_length}.")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -57,12 +61,16 @@ class MultiTaskPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, device=None, allow_pickle: bool = False, **kwargs
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        allow_pickle: bool = False,
+        **kwargs,
     ) -> "MultiTaskPipeline":
         """From a directory written by `run_train.py`/`save_pretrained`, or a Hub id (safetensors weights only
         unless `allow_pickle`)."""
         model = load_multitask_model(name_or_path, allow_pickle=allow_pickle)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_tokenizer(name_or_path)
         return cls(model, tokenizer, device=device, **kwargs)
 
     @property
@@ -95,6 +103,8 @@ class MultiTaskPipeline:
 
     def iter_predictions(self, texts: Iterable[str], chunk_size: int = 4096) -> Iterator[dict]:
         """Label a stream of texts chunk by chunk, so memory stays flat however long the stream is."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size (--chunk_size) must be at least 1 text, got {chunk_size}.")
         chunk = []
         for text in texts:
             chunk.append(text)

@@ -116,7 +116,7 @@ def write_predictions(predictions: Iterator[dict], output: str | None) -> int:
     return count
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="A directory written by run_train.py, or a Hub model id.")
     parser.add_argument("texts", nargs="*", help="Texts to label (or use --input).")

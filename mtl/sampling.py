@@ -37,7 +37,6 @@ def task_probabilities(counts: list[int], strategy: str, temperature: float = 2.
         weights = (counts > 0).astype(np.float64)
     else:
         raise ValueError(f"task mixing {strategy!r} is not one of {list(MIXING_STRATEGIES)}.")
-    weights[counts == 0] = 0.0
     return weights / weights.sum()
 
 

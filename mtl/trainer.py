@@ -7,24 +7,33 @@ from collections import defaultdict
 
 import torch
 from datasets import Dataset
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import RandomSampler, SequentialSampler
-from transformers import Trainer
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import TrainOutput, has_length
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
-from .checkpointing import GracefulStop, TrainingInterrupted, complete_checkpoints, resolve_checkpoint
+from .checkpointing import (
+    GracefulStop,
+    TrainingInterrupted,
+    check_checkpoint_tasks,
+    complete_checkpoints,
+    remove_checkpoints,
+    resolve_checkpoint,
+)
 from .data import MultiTaskDataCollator, label_matrix
 from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, freeze_targets, parse_freeze
 from .hub import write_model_card
 from .metrics import build_compute_metrics
-from .modeling import labels_to_tensor, multitask_loss
+from .modeling import IGNORE_INDEX, MultiTaskOutput, labels_to_tensor, multitask_loss
 from .sampling import EpochSeededLengthGroupedSampler, TaskMixingSampler, balanced_class_weights
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_task_weights(args, task_names: list[str]) -> list[float]:
+def resolve_task_weights(args: TrainingArguments, task_names: list[str]) -> list[float]:
     """One loss weight per task (default 1.0 each), with a clear error for a list of the wrong length."""
     weights = getattr(args, "task_weights", None)
     if weights is None:
@@ -37,7 +46,7 @@ def resolve_task_weights(args, task_names: list[str]) -> list[float]:
     return list(weights)
 
 
-def layerwise_lr_scales(model, decay: float, head_scale: float = 1.0) -> dict[str, float]:
+def layerwise_lr_scales(model: nn.Module, decay: float, head_scale: float = 1.0) -> dict[str, float]:
     """Learning-rate factor of every parameter: `head_scale` for the heads and whatever sits outside the encoder,
     decay**k for the encoder's k-th layer from the top, and one more factor of decay for the embeddings."""
     layer_of = {}
@@ -91,8 +100,9 @@ class MultiTaskTrainer(Trainer):
         self.task_weights = task_weights
         self.class_weights = self._resolve_class_weights()
         self._apply_freezing()
+        # Per task: the summed losses and the number of training batches that had labels for it since the last log.
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
-        self._task_loss_steps = 0
+        self._task_loss_counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._token_lengths: list[int] | None = None  # of the training rows, kept when their embeddings are cached
         self.averaged_checkpoints: list[str] = []  # the checkpoints whose mean the final weights are, if any
         self._steps_per_epoch: int | None = None  # optimizer steps per epoch, as the training loop counted them
@@ -107,7 +117,7 @@ class MultiTaskTrainer(Trainer):
         )
         return [w.to(self.args.device) for w in weights]
 
-    def get_train_dataloader(self):
+    def get_train_dataloader(self) -> DataLoader:
         if self.train_data_collator is None:
             return super().get_train_dataloader()
         # The Trainer builds every loader from self.data_collator: lend it the training one for this loader only.
@@ -117,7 +127,7 @@ class MultiTaskTrainer(Trainer):
         finally:
             self.data_collator = eval_collator
 
-    def _get_train_sampler(self, train_dataset=None):
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if dataset is None:
             return super()._get_train_sampler(train_dataset)
@@ -130,7 +140,7 @@ class MultiTaskTrainer(Trainer):
                 label_matrix(dataset),
                 strategy,
                 self.args.mixing_temperature,
-                seed=self.args.seed,
+                seed=self._data_seed,
                 lengths=lengths,
                 batch_size=batch_size,
             )
@@ -141,7 +151,12 @@ class MultiTaskTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         if lengths is None:
             return RandomSampler(dataset)
-        return EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self.args.seed)
+        return EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self._data_seed)
+
+    @property
+    def _data_seed(self) -> int:
+        """The seed of the training batches' order: --data_seed if given, else --seed (as the Trainer does)."""
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
     def _row_lengths(self, dataset) -> list[int] | None:
         """Token counts of the rows; for cached embeddings, those the rows had before caching, so that batches match
@@ -150,10 +165,12 @@ class MultiTaskTrainer(Trainer):
             return [len(ids) for ids in dataset["input_ids"]]
         return self._token_lengths
 
-    def _get_eval_sampler(self, eval_dataset):
-        if eval_dataset is not None and "input_ids" not in getattr(eval_dataset, "column_names", ["input_ids"]):
-            return SequentialSampler(eval_dataset)  # cached embeddings: no token lengths to group by
-        return super()._get_eval_sampler(eval_dataset)
+    def _get_eval_sampler(self, eval_dataset: Dataset | None) -> Sampler | None:
+        # In row order, so that `predict()` returns its outputs in the data set's order: under group_by_length the
+        # Trainer would shuffle evaluation batches by length. Distributed runs shard as the Trainer does (None).
+        if eval_dataset is None or not has_length(eval_dataset) or self.args.world_size > 1:
+            return None
+        return SequentialSampler(eval_dataset)
 
     def _apply_freezing(self) -> None:
         spec = getattr(self.args, "freeze", "none")
@@ -165,7 +182,7 @@ class MultiTaskTrainer(Trainer):
             self.add_callback(UnfreezeEncoderCallback(after))
         apply_freeze(self.model, spec)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs) -> TrainOutput:
         trainable, _ = count_parameters(self.model)
         if trainable == 0:
             raise ValueError(
@@ -174,6 +191,10 @@ class MultiTaskTrainer(Trainer):
             )
         self._cache_frozen_embeddings()
         resume = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            check_checkpoint_tasks(resume, self.model.config.tasks)
+        elif getattr(self.args, "overwrite_output_dir", False) and self.args.should_save:
+            remove_checkpoints(self.args.output_dir)
         stopper = GracefulStop()
         self.add_callback(stopper)
         try:
@@ -267,7 +288,7 @@ class MultiTaskTrainer(Trainer):
             return None
         return layerwise_lr_scales(self.model, decay, head_scale)
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         scales = None if self._optimizer_given() else self._lr_scales()  # split the Trainer's optimizer only once
         optimizer = super().create_optimizer(model)
         if scales:
@@ -307,6 +328,7 @@ class MultiTaskTrainer(Trainer):
             return warm * gamma ** (step // step_size)
 
         self.lr_scheduler = LambdaLR(optimizer or self.optimizer, step_lr)
+        self._created_lr_scheduler = True  # so that a second train() builds a fresh one, as for the stock schedulers
         logger.info("StepLR: learning rate x%s every %d optimizer steps", gamma, step_size)
         return self.lr_scheduler
 
@@ -326,7 +348,9 @@ class MultiTaskTrainer(Trainer):
             return num_training_steps
         return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model, inputs, return_outputs=False, num_items_in_batch=None
+    ) -> torch.Tensor | tuple[torch.Tensor, MultiTaskOutput]:
         # Not popped: the Trainer's prediction_step reads the labels from `inputs` again.
         outputs = model(**{name: value for name, value in inputs.items() if name != "labels"})
         labels = labels_to_tensor(inputs["labels"], self.task_names)
@@ -338,19 +362,24 @@ class MultiTaskTrainer(Trainer):
             label_smoothing=self.args.label_smoothing_factor,
         )
         if model.training:
-            for task, task_loss in zip(self.task_names, per_task, strict=True):
+            # A batch without labels for a task has no loss for it (0 in `per_task`): it must not pull its mean down.
+            labelled = (labels != IGNORE_INDEX).any(dim=0)
+            for index, (task, task_loss) in enumerate(zip(self.task_names, per_task, strict=True)):
                 self._task_loss_sums[task] += task_loss.detach()
-            self._task_loss_steps += 1
+                self._task_loss_counts[task] += labelled[index]
         outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._task_loss_steps:  # a training log: add each task's mean loss since the last one
+        if "loss" in logs and self._task_loss_counts:  # a training log: add each task's mean loss since the last one
             for task in self.task_names:
-                mean = self.accelerator.gather(self._task_loss_sums[task] / self._task_loss_steps).mean()
-                logs[f"loss_{task}"] = round(mean.item(), 4)
+                # Summed over processes before dividing: a process may have seen no batch of a task.
+                total = self.accelerator.gather(self._task_loss_sums[task]).sum()
+                batches = self.accelerator.gather(self._task_loss_counts[task]).sum()
+                if batches > 0:
+                    logs[f"loss_{task}"] = round((total / batches).item(), 4)
             self._task_loss_sums.clear()
-            self._task_loss_steps = 0
+            self._task_loss_counts.clear()
         super().log(logs, start_time)
 
     def create_model_card(

@@ -65,6 +65,16 @@ def test_a_config_file_gives_the_same_arguments_as_flags(tmp_path, suffix):
     assert from_flags[2]["task_weights"] == [1.0, 0.5]
 
 
+@pytest.mark.parametrize(
+    ("suffix", "content", "message"), [(".yaml", "seed: [1\n", "is not valid YAML"), (".json", "{", "Expecting")]
+)
+def test_a_broken_config_file_is_a_value_error(tmp_path, suffix, content, message):
+    path = tmp_path / f"config{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        parse_arguments(parser(), [str(path)])
+
+
 def test_defaults_train_minilm_on_the_default_data():
     model_args, data_args, training_args = parse_arguments(parser(), [])
     assert model_args.model_name_or_path is None  # the packaged all-MiniLM-L6-v2

@@ -31,6 +31,7 @@ def test_round_trip_keeps_tasks_in_order(tmp_path):
         ({"tasks": {"topic": ["a", "a"]}}, "twice"),
         ({"tasks": {"../evil": ["a", "b"]}}, "not allowed"),
         ({"tasks": {"encoder": ["a", "b"]}}, "not allowed"),
+        ({"tasks": {"mean": ["a", "b"]}}, "not allowed"),  # its metrics would collide with the mean over tasks
         ({"tasks": {"topic": ["a", ""]}}, "empty"),
         ({"pooling": "max"}, "pooling"),
         ({"classifier_dropout": 1.5}, "classifier_dropout"),

@@ -1,9 +1,18 @@
 import json
 
+import datasets
 import pytest
 
 from mtl import DEFAULT_TASKS, DataError, load_files, tokenize
-from mtl.data import IGNORE_INDEX, MultiTaskDataCollator, RandomTruncation, label_matrix, require_labels
+from mtl.data import (
+    IGNORE_INDEX,
+    MultiTaskDataCollator,
+    RandomTruncation,
+    drop_unlabelled,
+    label_matrix,
+    load_hub,
+    require_labels,
+)
 
 TASKS = DEFAULT_TASKS
 
@@ -161,3 +170,23 @@ def test_random_truncation_pads_the_cut_batch(tmp_path, tiny_tokenizer):
 def test_random_truncation_refuses_bad_lengths(low, high):
     with pytest.raises(ValueError, match="min_length <= max_length"):
         RandomTruncation(lambda features: features, low, high)
+
+
+def test_hub_class_labels_are_read_by_name_not_position(monkeypatch):
+    # The Hub data set orders its classes differently from the task, and marks a missing label with -1.
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "category": datasets.ClassLabel(names=["Politics", "Tech", "Sports"])}
+    )
+    hub = datasets.Dataset.from_dict(
+        {"text": ["a vote", "a chip", "a goal", "?"], "category": [0, 1, 2, -1]}, features
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: hub)
+    dataset = load_hub("user/news", "train", {"category": ["Tech", "Sports", "Politics"]})
+    assert label_matrix(dataset)[:, 0].tolist() == [2, 0, 1, IGNORE_INDEX]
+
+
+def test_training_rows_without_any_label_are_one_clear_error(tmp_path):
+    dataset = load_files(write(tmp_path, "t.csv", "text,category,sentiment\nhello,,\n"), TASKS)
+    assert label_matrix(dataset.select([])).shape == (0, 2)
+    with pytest.raises(DataError, match=r"t\.csv: no row has a label for any task"):
+        drop_unlabelled(dataset, "t.csv")

@@ -2,9 +2,9 @@ import logging
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
-from mtl.freezing import apply_freeze, parse_freeze
+from mtl.freezing import UnfreezeEncoderCallback, apply_freeze, parse_freeze
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,3 +105,10 @@ def test_encoder_scheduled_after_the_last_epoch_stays_frozen_and_is_released_aft
     ids = torch.tensor([[2, 5, 6, 3]])
     hidden = tiny_model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
     assert hidden.requires_grad
+
+
+@pytest.mark.parametrize(("epoch", "frozen"), [(0.0, True), (1.5, True), (1.9999, True), (2.0, False), (2.5, False)])
+def test_gradual_unfreezing_counts_whole_epochs_when_resumed_mid_epoch(epoch, frozen):
+    callback = UnfreezeEncoderCallback(after_epochs=2)
+    callback.on_epoch_begin(None, TrainerState(epoch=epoch), None)
+    assert callback.frozen is frozen

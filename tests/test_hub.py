@@ -191,6 +191,32 @@ def test_model_card_reads_tasks_labels_and_results(tmp_path):
     assert "category" not in card.text and "Sentiment" not in card.text  # nothing from the default tasks
 
 
+def test_model_card_gives_the_multitask_recipe(tmp_path):
+    config = MultiTaskConfig()
+    settings = {"output_dir": str(tmp_path), "use_cpu": True}
+    plain = build_model_card(config, MultiTaskTrainingArguments(**settings), {}, repo_id="me/plain").text
+    assert "task mixing" not in plain and "label smoothing" not in plain and "final weights" not in plain
+    args = MultiTaskTrainingArguments(
+        **settings,
+        task_mixing="temperature",
+        mixing_temperature=3.0,
+        class_weights="balanced",
+        label_smoothing_factor=0.1,
+        layerwise_lr_decay=0.7,
+        task_weights=[1.0, 0.5],
+    )
+    card = build_model_card(config, args, {}, repo_id="me/mtl", averaged=["checkpoint-4", "checkpoint-6"]).text
+    for row in (
+        "| task mixing | temperature, T=3 |",
+        "| class weights | balanced |",
+        "| label smoothing | 0.1 |",
+        "| layer-wise learning-rate decay | 0.7 |",
+        "| task weights | category 1, sentiment 0.5 |",
+        "| final weights | the mean of checkpoint-4, checkpoint-6 |",
+    ):
+        assert row in card
+
+
 def test_base_model_is_a_hub_id_or_nothing(tmp_path):
     config = MultiTaskConfig()
     for name, expected in (

@@ -68,6 +68,13 @@ def test_labels_as_a_mapping_leave_out_tasks(tiny_model, tiny_tokenizer):
         tiny_model(**inputs, labels={"colour": torch.tensor([0, 1, 2])})
     with pytest.raises(ValueError, match="shape"):
         tiny_model(**inputs, labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="labels is an empty mapping"):
+        tiny_model(**inputs, labels={})
+
+
+def test_forward_needs_texts_or_embeddings(tiny_model):
+    with pytest.raises(ValueError, match=r"needs input_ids .* or pooled_embeddings"):
+        tiny_model(attention_mask=torch.ones(1, 3, dtype=torch.long))
 
 
 def test_class_weights_and_label_smoothing_match_torch():

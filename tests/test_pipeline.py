@@ -121,3 +121,17 @@ def test_iter_texts_rejects_non_text(tmp_path):
     path.write_text('{"text": ["a"]}\n')
     with pytest.raises(DataError, match="is a list, not a string"):
         list(iter_texts(path))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"batch_size": 0}, r"--batch_size\) must be at least 1"), ({"max_length": 1}, "max_length must leave room")],
+)
+def test_bad_sizes_are_refused(saved_model, settings, message):
+    with pytest.raises(ValueError, match=message):
+        MultiTaskPipeline.from_pretrained(saved_model, device="cpu", **settings)
+
+
+def test_cli_bad_chunk_size_is_one_error(saved_model, capsys):
+    assert run(main, [str(saved_model), "some text", "--chunk_size", "0"]) == 1
+    assert "chunk_size (--chunk_size) must be at least 1" in capsys.readouterr().err

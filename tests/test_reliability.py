@@ -123,6 +123,16 @@ def test_not_an_mtl_model_or_missing_weights(tmp_path, tiny_encoder_dir, tiny_mo
         load_multitask_model(tmp_path / "broken")
 
 
+def test_an_encoder_without_tokenizer_files_is_refused(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    # transformers would build a tokenizer of special tokens only from the config: every word read as [UNK]
+    encoder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_encoder_dir, encoder, ignore=shutil.ignore_patterns("*token*", "vocab*"))
+    assert run(run_train.main, flags(encoder, data_dir, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "has no tokenizer files" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 # ---- bad arguments: one line, nothing written ----
 
 

@@ -41,7 +41,7 @@ def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
     assert any("loss_category" in entry and "loss_sentiment" in entry for entry in state["log_history"])
     assert sum("eval_category_accuracy" in entry for entry in state["log_history"]) == 2  # one per epoch
 
-    predictions = tmp_path / "predictions.jsonl"
+    predictions = tmp_path / "not-yet" / "predictions.jsonl"  # its folder is created
     results = run_eval.main(
         [
             "--model_name_or_path",
@@ -138,6 +138,40 @@ def test_refuses_to_overwrite_a_trained_model(tmp_path, tiny_encoder_dir, data_d
     )
 
 
+def test_an_earlier_runs_checkpoints_are_never_mixed_into_a_new_run(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    output = tmp_path / "model"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--save_strategy", "epoch"))  # 2 epochs of 5 steps
+    for name in ("config.json", "model.safetensors"):  # as if it had crashed before saving the final model
+        (output / name).unlink()
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, output)) == 1
+    assert "holds an earlier run's checkpoints (checkpoint-5, checkpoint-10)" in capsys.readouterr().err
+    # Starting again: the old checkpoints go, so that none is resumed, rotated or averaged as if it were this run's.
+    flags = ["--num_train_epochs", "1", "--save_strategy", "epoch", "--seed", "7", "--overwrite_output_dir"]
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, *flags))
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-5"]
+    final, checkpoint = load_file(output / "model.safetensors"), load_file(output / "checkpoint-5/model.safetensors")
+    assert all(torch.equal(final[key], checkpoint[key]) for key in final)
+
+
+def test_resuming_with_other_tasks_is_refused(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    output = tmp_path / "model"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--save_strategy", "epoch"))
+    other = ["--tasks", '{"category": ["Tech", "Sports", "Politics"]}', "--resume_from_checkpoint", "latest"]
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, output, *other)) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint-10 was trained with tasks" in err and "resume with the same --tasks" in err
+
+
+def test_max_train_samples_is_applied_before_the_label_checks(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    for row in rows[:4]:
+        row["sentiment"] = None
+    write_jsonl(data_dir / "train.jsonl", rows)
+    argv = train_flags(tiny_encoder_dir, data_dir, tmp_path / "out", "--max_train_samples", "4")
+    assert run(run_train.main, argv) == 1
+    assert "no row has a label for task(s) ['sentiment']" in capsys.readouterr().err
+
+
 BAD_TRAINING_FILES = [
     ('{"text": "x", "category": "Science", "sentiment": "Positive"}\n', "unknown category label 'Science'"),
     ('{"sentence": "x", "category": "Tech"}\n', "no 'text' column"),
@@ -194,3 +228,14 @@ def test_cli_exit_code_and_no_traceback(tmp_path, data_dir):
     assert completed.returncode == 1
     assert "unknown sentiment label 'happy'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_an_empty_validation_file_turns_evaluation_off(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    output = tmp_path / "model"
+    metrics = run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--validation_file", ""))
+    assert set(metrics) == {"train", "test"} and not (output / "eval_results.json").exists()
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert not any(key.startswith("eval_") for entry in state["log_history"] for key in entry)
+    flags = ["--validation_file", "", "--load_best_model_at_end"]
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, tmp_path / "best", *flags)) == 1
+    assert "--load_best_model_at_end needs a validation set, but --validation_file is empty" in capsys.readouterr().err

@@ -48,6 +48,51 @@ def test_partial_labels_train_without_nan(tiny_model, make_trainer):
     assert all(math.isfinite(entry["loss"]) for entry in step_logs(trainer))
 
 
+def test_task_loss_is_averaged_over_the_batches_that_label_the_task(tiny_model, make_trainer):
+    rows = make_rows(16)
+    for row in rows[:8]:  # the first batch (sequential order) has no sentiment labels
+        row["sentiment"] = None
+    trainer = make_trainer(tiny_model, rows=rows, logging_steps=2, train_sampling_strategy="sequential")
+    trainer.train()
+    (entry,) = step_logs(trainer)
+    # Two batches: category in both, sentiment in the second only, so the total's mean holds half a sentiment loss.
+    assert entry["loss"] == pytest.approx(entry["loss_category"] + 0.5 * entry["loss_sentiment"], abs=2e-3)
+
+
+def test_predict_returns_rows_in_dataset_order(tiny_model, make_trainer, tiny_tokenizer):
+    rows = make_rows(16)
+    for i, row in enumerate(rows):  # lengths that a length-grouped evaluation sampler would reorder
+        row["text"] += " and the law" * (i % 5)
+    trainer = make_trainer(tiny_model, rows=rows, per_device_eval_batch_size=4)
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    logits = trainer.predict(trainer.eval_dataset).predictions
+    tiny_model.eval()
+    with torch.no_grad():
+        for i in (0, 3, 7, 15):
+            encoded = tiny_tokenizer(rows[i]["text"], return_tensors="pt")
+            expected = tiny_model(**encoded).logits
+            for task in range(2):
+                assert torch.allclose(torch.as_tensor(logits[task][i]), expected[task][0], atol=1e-5)
+
+
+def test_data_seed_orders_the_batches(tiny_model, make_trainer):
+    def first_batch(**overrides) -> list[int]:
+        trainer = make_trainer(tiny_model, seed=0, **overrides)
+        return list(trainer._get_train_sampler())[:8]
+
+    assert first_batch() == first_batch(data_seed=0)
+    assert first_batch() != first_batch(data_seed=1)
+
+
+def test_a_second_train_call_builds_a_fresh_steplr(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, num_train_epochs=2, lr_gamma=0.5, learning_rate=1e-3)
+    rates = []
+    for _ in range(2):  # the second run starts again from the full rate, as with the stock schedulers
+        trainer.train()
+        rates.append([entry["learning_rate"] for entry in step_logs(trainer)])
+    assert rates[0] == rates[1] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+
+
 def test_steplr_decays_every_epoch_by_gamma(tiny_model, make_trainer):
     trainer = make_trainer(tiny_model, num_train_epochs=3, lr_gamma=0.5, lr_step_epochs=1, learning_rate=1e-3)
     trainer.train()
