@@ -143,6 +143,15 @@ def _label_id(value, labels: list[str], where: str, task: str) -> int:
     )
 
 
+def check_text(value: object, where: str) -> str:
+    """`value` if it is a non-blank string, else a `DataError` that starts with `where` (file and row, or input)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where} is a {type(value).__name__} ({value!r}), not text.")
+    if not value.strip():
+        raise DataError(f"{where} is empty or whitespace only; remove it or give it text.")
+    return value
+
+
 def encode_rows(
     rows: Iterable[tuple[int, dict]], source: str, tasks: dict[str, list[str]], text_column: str = "text"
 ) -> dict[str, list]:
@@ -155,11 +164,7 @@ def encode_rows(
                 f"{where}: no {text_column!r} column (columns: {sorted(row)}); "
                 "name the text column with --text_column."
             )
-        text = row[text_column]
-        if not isinstance(text, str):
-            raise DataError(f"{where}: the {text_column!r} value {text!r} is not text.")
-        if not text.strip():
-            raise DataError(f"{where}: the {text_column!r} value is empty; remove the row or give it text.")
+        text = check_text(row[text_column], f"{where}: the {text_column!r} value")
         texts.append(text)
         labels.append([_label_id(row.get(task), names, where, task) for task, names in tasks.items()])
     if not texts:

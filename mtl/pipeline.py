@@ -10,6 +10,7 @@ from scipy.special import softmax
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .data import check_text
 from .modeling import MultiTaskModel, load_multitask_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -20,10 +21,7 @@ def check_texts(texts: Iterable) -> list[str]:
     if not texts:
         raise ValueError("No texts to classify: give at least one non-empty text.")
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"Input {index} is a {type(text).__name__} ({text!r}), not text.")
-        if not text.strip():
-            raise ValueError(f"Input {index} is empty or whitespace only; every input needs text.")
+        check_text(text, f"Input {index}")
     return texts
 
 

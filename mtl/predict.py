@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from .cli import run, setup_logging
-from .data import DataError
+from .data import DataError, check_text
 from .pipeline import MultiTaskPipeline
 
 logger = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ class PredictArguments:
     )
 
 
-def _text(value, where: str) -> str:
-    if not isinstance(value, str):
-        raise DataError(f"{where}: the text {value!r} is a {type(value).__name__}, not a string.")
-    if not value.strip():
-        raise DataError(f"{where}: the text is empty.")
-    return value
-
-
 def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
     """Stream the texts of a .txt/.jsonl/.csv file, checking each one (blank .txt lines are skipped)."""
     path = Path(path)
@@ -75,7 +67,7 @@ def _iter_handle(handle: io.TextIOBase, path: Path, suffix: str, text_column: st
         if reader.fieldnames is None or text_column not in reader.fieldnames:
             raise DataError(f"{path}: no {text_column!r} column (columns: {reader.fieldnames}); use --text_column.")
         for row in reader:
-            yield _text(row[text_column], f"{path}: line {reader.line_num}")
+            yield check_text(row[text_column], f"{path}: line {reader.line_num}: the text")
         return
     for number, line in enumerate(handle, start=1):
         if not line.strip():
@@ -89,7 +81,7 @@ def _iter_handle(handle: io.TextIOBase, path: Path, suffix: str, text_column: st
             raise DataError(f"{path}: line {number} is not valid JSON ({error.msg}).") from None
         if not isinstance(record, dict) or text_column not in record:
             raise DataError(f"{path}: line {number} has no {text_column!r} key; use --text_column.")
-        yield _text(record[text_column], f"{path}: line {number}")
+        yield check_text(record[text_column], f"{path}: line {number}: the text")
 
 
 def _write_lines(predictions: Iterator[dict], handle) -> int:

@@ -92,7 +92,11 @@ def test_integer_label_ids_are_accepted(tmp_path):
             r"row 2: no 'text' column \(columns: \['category', 'sentence'\]\)",
         ),
         ("empty_text.jsonl", '{"text": "   ", "category": "Tech"}\n', r"row 1: the 'text' value is empty"),
-        ("number_text.jsonl", '{"text": 42, "category": "Tech"}\n', r"row 1: the 'text' value 42 is not text"),
+        (
+            "number_text.jsonl",
+            '{"text": 42, "category": "Tech"}\n',
+            r"row 1: the 'text' value is a int \(42\)",
+        ),
         (
             "ragged.csv",
             "text,category\nhello,Tech\nhi,Tech,extra\n",

@@ -88,7 +88,7 @@ def test_cli_texts_and_files(tmp_path, saved_model, capsys):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("bad.jsonl", '{"text": "ok"}\n{"text": 5}\n', "line 2: the text 5 is a int"),
+        ("bad.jsonl", '{"text": "ok"}\n{"text": 5}\n', "line 2: the text is a int (5)"),
         ("bad2.jsonl", '{"text": "ok"}\nnot json\n', "line 2 is not valid JSON"),
         ("bad.csv", "id,body\n1,x\n", "no 'text' column"),
         ("empty.txt", "\n\n", "no texts to label"),
@@ -119,7 +119,7 @@ def test_iter_texts_is_lazy(tmp_path):
 def test_iter_texts_rejects_non_text(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": ["a"]}\n')
-    with pytest.raises(DataError, match="is a list, not a string"):
+    with pytest.raises(DataError, match=r"the text is a list \(\['a'\]\), not text"):
         list(iter_texts(path))
 
 
