@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from mtl.args import DEFAULT_OUTPUT_DIR
+from mtl.args import DEFAULT_OUTPUT_DIR, InferenceArguments
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import label_matrix, load_files
 from mtl.metrics import flat_metrics, format_report, task_reports
@@ -23,7 +23,7 @@ logger = logging.getLogger("run_eval")
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(InferenceArguments):
     model_name_or_path: str = field(
         default=DEFAULT_OUTPUT_DIR, metadata={"help": "A directory written by run_train.py, or a Hub model id."}
     )
@@ -39,12 +39,6 @@ class EvalArguments:
         default=None, metadata={"help": "Also write one JSON line per example: each task's label and probability."}
     )
     max_seq_length: int = field(default=128, metadata={"help": "Texts are truncated to this many tokens."})
-    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
-    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
-    allow_pickle: bool = field(
-        default=False,
-        metadata={"help": "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."},
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:

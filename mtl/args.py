@@ -20,6 +20,7 @@ from .sampling import MIXING_STRATEGIES
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_DIR = "outputs/mtl-minilm"
+ALLOW_PICKLE_HELP = "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."
 STEP_SCHEDULER = "step"
 
 
@@ -42,10 +43,7 @@ class ModelArguments:
     )
     pooling: str = field(default="mean", metadata={"help": "Sentence pooling of a new model: 'mean' or 'cls'."})
     classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the task heads (new model)."})
-    allow_pickle: bool = field(
-        default=False,
-        metadata={"help": "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."},
-    )
+    allow_pickle: bool = field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
 
     def parsed_tasks(self) -> dict[str, list[str]] | None:
         """The `--tasks` mapping, read from JSON text or a JSON/YAML file, validated."""
@@ -62,6 +60,15 @@ class ModelArguments:
             raise ValueError(f"--tasks could not be parsed as JSON/YAML: {error}") from None
         validate_tasks(tasks)
         return tasks
+
+
+@dataclass
+class InferenceArguments:
+    """The options of every command that runs a trained model (run_eval.py, python -m mtl.predict)."""
+
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
+    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
+    allow_pickle: bool = field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
 
 
 @dataclass

@@ -228,10 +228,10 @@ def base_model_id(config: MultiTaskConfig) -> str | None:
 
 def data_sources(data_args: DataArguments) -> dict[str, list[str]]:
     """What each split was read from, as the card names it: the Hub data set, or file names (never local paths)."""
-    if data_args.dataset_name:
-        return {split: [data_args.dataset_name] for split in ("train", *EVAL_SPLITS.values())}
     train = [data_args.train_file] if isinstance(data_args.train_file, str) else data_args.train_file
     files = {"train": train, "validation": [data_args.validation_file], "test": [data_args.test_file]}
+    if data_args.dataset_name:  # the splits run_train.py read from it (an empty --validation_file: none)
+        return {split: [data_args.dataset_name] for split, names in files.items() if any(names)}
     return {split: [Path(name).name for name in names if name] for split, names in files.items() if any(names)}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from .args import InferenceArguments
 from .cli import run, setup_logging
 from .data import DataError, check_text
 from .pipeline import MultiTaskPipeline
@@ -30,20 +31,16 @@ INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
 @dataclass
-class PredictArguments:
+class PredictArguments(InferenceArguments):
     input: str | None = field(
         default=None, metadata={"help": "A .txt (one text per line), .jsonl or .csv (with a text column) file."}
     )
     output: str | None = field(default=None, metadata={"help": "Write the JSON lines here instead of stdout."})
     text_column: str = field(default="text", metadata={"help": "The text column of a .jsonl/.csv input."})
-    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
-    max_length: int | None = field(default=None, metadata={"help": "Truncate texts to this many tokens."})
-    chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
-    device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
-    allow_pickle: bool = field(
-        default=False,
-        metadata={"help": "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."},
+    max_length: int | None = field(
+        default=None, metadata={"help": "Truncate texts to this many tokens (default: the encoder's position limit)."}
     )
+    chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
 
 
 def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
