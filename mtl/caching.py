@@ -25,9 +25,9 @@ def default_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "mtl_embeddings"
 
 
-def fingerprint(model: MultiTaskModel, dataset: datasets.Dataset) -> str:
-    """Changes whenever the encoder weights, the pooling or the token ids change."""
-    digest = xxhash.xxh3_128(model.config.pooling.encode())  # fast enough to hash the weights at every run
+def fingerprint(model: MultiTaskModel, dataset: datasets.Dataset, autocast_dtype: torch.dtype | None = None) -> str:
+    """Changes whenever the encoder weights, the pooling, the precision or the token ids change."""
+    digest = xxhash.xxh3_128(f"{model.config.pooling} {autocast_dtype}".encode())  # the weights are hashed too
     for name, tensor in model.encoder.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -40,8 +40,11 @@ def fingerprint(model: MultiTaskModel, dataset: datasets.Dataset) -> str:
 
 
 @torch.inference_mode()
-def compute_embeddings(model: MultiTaskModel, dataset: datasets.Dataset, batch_size: int = 256) -> np.ndarray:
-    """Pooled embeddings of every row, in row order; batches are length-sorted so little padding is computed."""
+def compute_embeddings(
+    model: MultiTaskModel, dataset: datasets.Dataset, batch_size: int = 256, autocast_dtype: torch.dtype | None = None
+) -> np.ndarray:
+    """Pooled embeddings of every row, in row order; batches are length-sorted so little padding is computed. With
+    `autocast_dtype` (bf16/fp16 training) the encoder runs under that autocast, as it would in the training step."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -56,22 +59,28 @@ def compute_embeddings(model: MultiTaskModel, dataset: datasets.Dataset, batch_s
         for j, i in enumerate(rows):
             input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
             attention_mask[j, : len(ids[i])] = 1
-        pooled, _ = model.embed(input_ids.to(device), attention_mask.to(device))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pooled, _ = model.embed(input_ids.to(device), attention_mask.to(device))
         embeddings[rows] = pooled.float().cpu().numpy()
     model.train(was_training)
     return embeddings
 
 
 def cache_embeddings(
-    model: MultiTaskModel, dataset: datasets.Dataset, batch_size: int = 256, cache_dir: Path | None = None
+    model: MultiTaskModel,
+    dataset: datasets.Dataset,
+    batch_size: int = 256,
+    cache_dir: Path | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> datasets.Dataset:
-    """`dataset` with its token columns replaced by the frozen encoder's pooled embeddings (from cache if present)."""
-    path = (cache_dir or default_cache_dir()) / f"{fingerprint(model, dataset)}.npy"
+    """`dataset` with its token columns replaced by the frozen encoder's pooled embeddings (from cache if present),
+    computed under `autocast_dtype` if given."""
+    path = (cache_dir or default_cache_dir()) / f"{fingerprint(model, dataset, autocast_dtype)}.npy"
     if path.exists():
         logger.info("Frozen-encoder embeddings loaded from %s", path)
         embeddings = np.load(path, allow_pickle=False)
     else:
-        embeddings = compute_embeddings(model, dataset, batch_size)
+        embeddings = compute_embeddings(model, dataset, batch_size, autocast_dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.npy")
         np.save(partial, embeddings, allow_pickle=False)

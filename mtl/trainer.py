@@ -268,12 +268,14 @@ class MultiTaskTrainer(Trainer):
             return
         self.model.to(self.args.device)
         batch_size = self.args.per_device_train_batch_size  # the batch size the encoder would have run at
+        # In mixed precision, embedded as the uncached path (and later evaluation and prediction) would embed them.
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
         with self.args.main_process_first(desc="caching frozen-encoder embeddings"):
             if self.train_dataset is not None and EMBEDDINGS_COLUMN not in self.train_dataset.column_names:
                 self._token_lengths = self._row_lengths(self.train_dataset)
-                self.train_dataset = cache_embeddings(self.model, self.train_dataset, batch_size)
+                self.train_dataset = cache_embeddings(self.model, self.train_dataset, batch_size, autocast_dtype=dtype)
             if isinstance(self.eval_dataset, Dataset) and EMBEDDINGS_COLUMN not in self.eval_dataset.column_names:
-                self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size)
+                self.eval_dataset = cache_embeddings(self.model, self.eval_dataset, batch_size, autocast_dtype=dtype)
 
     def _optimizer_given(self) -> bool:
         """Whether the optimizer is not ours to build: passed to the Trainer, or already built by an earlier call."""

@@ -63,6 +63,22 @@ def test_cached_embeddings_equal_the_encoder_output(tiny_model, tiny_tokenizer, 
             torch.testing.assert_close(cached[i], expected[0], atol=1e-5, rtol=1e-5)
 
 
+def test_mixed_precision_training_caches_what_its_encoder_would_compute(tiny_model, make_trainer, cache_dir):
+    apply_freeze(tiny_model, "encoder")
+    trainer = make_trainer(tiny_model, freeze="encoder", bf16=True)
+    row = trainer.train_dataset[3]
+    trainer._cache_frozen_embeddings()
+    cached = torch.as_tensor(trainer.train_dataset[3][EMBEDDINGS_COLUMN])
+    tiny_model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = tiny_model.embed(torch.tensor([row["input_ids"]]), torch.tensor([row["attention_mask"]]))
+    torch.testing.assert_close(cached, expected[0].float())
+    # a separate cache entry from the fp32 one, which differs at bf16's precision
+    fp32 = torch.as_tensor(cache_embeddings(tiny_model, make_trainer(tiny_model).train_dataset)[EMBEDDINGS_COLUMN][3])
+    assert len(list(cache_dir.glob("*.npy"))) == 2 and not torch.equal(cached, fp32)
+    torch.testing.assert_close(cached, fp32, atol=0.05, rtol=0.05)
+
+
 def test_fingerprint_follows_the_encoder_weights(tiny_model, make_trainer):
     dataset = make_trainer(tiny_model).train_dataset
     before = fingerprint(tiny_model, dataset)
