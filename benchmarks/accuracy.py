@@ -35,7 +35,6 @@ from mtl import MultiTaskConfig, load_files
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import label_matrix
 from mtl.metrics import task_reports
-from mtl.modeling import IGNORE_INDEX
 from mtl.pipeline import MultiTaskPipeline
 
 logger = logging.getLogger("benchmarks.accuracy")
@@ -133,8 +132,11 @@ class BenchmarkArguments:
             raise ValueError(f"--tasks: unknown {sorted(set(self.tasks) - set(known))}; choose from {known}.")
         if self.jobs < 1:
             raise ValueError(f"--jobs must be at least 1 (runs at once), got {self.jobs}.")
-        if not Path(self.data_dir, "train.jsonl").is_file():
-            raise FileNotFoundError(f"--data_dir {self.data_dir} has no train.jsonl; see ../shared/data/README.md.")
+        # Every file up front: a missing test file must not surface only after the training it would score.
+        needed = ["train.jsonl", "validation.jsonl", *dict.fromkeys(file for _, file, _, _ in COLUMNS)]
+        missing = [name for name in needed if not Path(self.data_dir, name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--data_dir {self.data_dir} has no {missing}; see ../shared/data/README.md.")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -242,19 +244,26 @@ def score(args: BenchmarkArguments, model_dir: Path) -> tuple[dict[str, float], 
     """The table's columns this model can fill (its tasks), and the evaluation wall time."""
     start = time.perf_counter()
     pipeline = MultiTaskPipeline.from_pretrained(model_dir, batch_size=256, max_length=args.max_seq_length)
+    reports = {}  # per test file, computed once for all of its columns
     scores = {}
     for header, file_name, task, metric in COLUMNS:
         if task not in pipeline.tasks:
             continue
-        dataset = load_files(Path(args.data_dir, file_name), pipeline.tasks)
-        if args.max_eval_samples:
-            dataset = dataset.select(range(min(args.max_eval_samples, len(dataset))))
-        labels = label_matrix(dataset)
-        if not (labels != IGNORE_INDEX).any():
-            continue
-        logits = pipeline.predict_logits(dataset["text"][:])
-        scores[header] = 100 * task_reports(pipeline.tasks, logits, labels)[task][metric]
+        if file_name not in reports:
+            reports[file_name] = report_file(args, pipeline, file_name)
+        if task in reports[file_name]:
+            scores[header] = 100 * reports[file_name][task][metric]
     return scores, time.perf_counter() - start
+
+
+def report_file(args: BenchmarkArguments, pipeline: MultiTaskPipeline, file_name: str) -> dict[str, dict]:
+    """Every task's metrics on one test file; with --max_eval_samples, on a seeded random sample of its rows (the
+    files are ordered, e.g. by class, so their first rows would not be representative)."""
+    dataset = load_files(Path(args.data_dir, file_name), pipeline.tasks)
+    if args.max_eval_samples and len(dataset) > args.max_eval_samples:
+        dataset = dataset.shuffle(seed=args.seed).select(range(args.max_eval_samples))
+    logits = pipeline.predict_logits(dataset["text"][:])
+    return task_reports(pipeline.tasks, logits, label_matrix(dataset))
 
 
 def plan_system(args: BenchmarkArguments, system: str, tasks: dict) -> list[tuple[Path, list[str]]]:
@@ -290,6 +299,8 @@ def plan_system(args: BenchmarkArguments, system: str, tasks: dict) -> list[tupl
             str(args.frozen_batch_size),
             "--task_mixing",
             args.task_mixing,
+            "--mixing_temperature",
+            str(args.mixing_temperature),
         ]
         return [prepare(args, system, tasks, extra)]
     # one model per task, each with the multi-task model's budget

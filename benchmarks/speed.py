@@ -4,7 +4,8 @@
     python benchmarks/speed.py --data_file ../shared/data/bench/validation.jsonl --results_file benchmarks/RESULTS.md
 
 Same texts, encoder, batch size and hardware for every system:
-1. training, steady-state samples/s (the first steps are excluded): our MultiTaskTrainer on both tasks; the stock
+1. training, steady-state samples/s (each system trains two epochs of the same texts and is timed on the second,
+   whole, so that start-up is left out and every batch length is in): our MultiTaskTrainer on both tasks; the stock
    Trainer + AutoModelForSequenceClassification on one task, padded to max length (as run_classification.py does by
    default) and dynamically padded; a plain PyTorch loop in the seed's style (fp32, Adam, padded to max length);
 2. the frozen encoder: 10 epochs of head training, with and without caching the pooled embeddings (end to end);
@@ -63,11 +64,24 @@ class SpeedArguments:
     eval_file: str = field(default="data/test.jsonl", metadata={"help": "Accuracy check of the speed options."})
     batch_size: int = field(default=32, metadata={"help": "Batch size of every system."})
     max_seq_length: int = field(default=128, metadata={"help": "Truncation (and padding) length."})
-    train_steps: int = field(default=40, metadata={"help": "Optimizer steps timed per training system."})
-    warmup_steps: int = field(default=5, metadata={"help": "First steps left out of the throughput."})
+    train_steps: int = field(
+        default=40,
+        metadata={
+            "help": "Optimizer steps per epoch: each training system runs two epochs of train_steps x batch_size "
+            "texts (fewer if the file has fewer), the first as warm-up, and is timed on the second."
+        },
+    )
     frozen_epochs: int = field(default=10, metadata={"help": "Epochs of the frozen-encoder comparison."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for every system (GPU)."})
+    bf16: bool = field(
+        default=False,
+        metadata={"help": "bf16 autocast (GPU) for every system but the plain loop, which is fp32 as the seed was."},
+    )
     results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
+
+    def __post_init__(self):
+        for name in ("batch_size", "train_steps", "frozen_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
 
 
 def release_memory() -> None:
@@ -111,30 +125,43 @@ class PeakMemory:
 
 
 class StepTimer(TrainerCallback):
-    """Wall-clock time of each optimizer step after the first `skip`."""
+    """The wall-clock time at the end of every optimizer step."""
 
-    def __init__(self, skip: int):
-        self.skip, self.times = skip, []
+    def __init__(self):
+        self.times = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.tick()
+
+    def tick(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
 
-    def samples_per_second(self, batch_size: int) -> float:
-        timed = self.times[self.skip :]
-        return (len(timed) - 1) * batch_size / (timed[-1] - timed[0])
+    def second_epoch_throughput(self, rows: int) -> float:
+        """Samples/s of the second of two equal epochs: from the end of the first one's last step to the end of the
+        second one's, so start-up, first-batch and warm-up costs stay in the first epoch."""
+        if len(self.times) % 2:
+            raise ValueError(f"expected two equal epochs of steps, got {len(self.times)} steps in all")
+        steps = len(self.times) // 2
+        return rows / (self.times[-1] - self.times[steps - 1])
 
 
 def encoder_path(args: SpeedArguments) -> str:
     return resolve_encoder_name(args.model_name_or_path)
 
 
+def loader_workers() -> int:
+    """Every system loads its batches the same way: mtl's GPU default (2 workers), none on a CPU."""
+    return 2 if torch.cuda.is_available() else 0
+
+
 def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **overrides) -> TrainingArguments:
     settings = {
         "output_dir": output_dir,
         "per_device_train_batch_size": args.batch_size,
-        "max_steps": args.train_steps,
+        "num_train_epochs": 2,
+        "dataloader_num_workers": loader_workers(),
         "learning_rate": 1e-4,
         "save_strategy": "no",
         "eval_strategy": "no",
@@ -148,12 +175,12 @@ def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **over
     return cls(**settings)
 
 
-def time_trainer(trainer: Trainer, args: SpeedArguments) -> tuple[float, float]:
-    timer = StepTimer(args.warmup_steps)
+def time_trainer(trainer: Trainer) -> tuple[float, float]:
+    timer = StepTimer()
     trainer.add_callback(timer)
     with PeakMemory() as memory:
         trainer.train()
-    return timer.samples_per_second(args.batch_size), memory.mib
+    return timer.second_epoch_throughput(len(trainer.train_dataset)), memory.mib
 
 
 def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
@@ -162,7 +189,7 @@ def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
     trainer = MultiTaskTrainer(
         model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
     )
-    return time_trainer(trainer, args)
+    return time_trainer(trainer)
 
 
 def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple[float, float]:
@@ -173,9 +200,10 @@ def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple
         args=hf_args(args, work),
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        # As run_classification.py pads in mixed precision, and as mtl's collator does: multiples of 8 tokens.
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.bf16 else None),
     )
-    return time_trainer(trainer, args)
+    return time_trainer(trainer)
 
 
 def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:
@@ -185,22 +213,19 @@ def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:
     model.to(device).train()
     columns = data["single_padded"].with_format("torch")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loader = torch.utils.data.DataLoader(columns, batch_size=args.batch_size, shuffle=True)
-    times = []
+    loader = torch.utils.data.DataLoader(
+        columns, batch_size=args.batch_size, shuffle=True, num_workers=loader_workers(), pin_memory=device == "cuda"
+    )
+    timer = StepTimer()
     with PeakMemory() as memory:
-        while len(times) < args.train_steps:
+        for _ in range(2):  # two epochs, timed on the second, as the Trainer systems
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 model(**batch).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter())
-                if len(times) == args.train_steps:
-                    break
-    timed = times[args.warmup_steps :]
-    return (len(timed) - 1) * args.batch_size / (timed[-1] - timed[0]), memory.mib
+                timer.tick()
+    return timer.second_epoch_throughput(len(columns)), memory.mib
 
 
 def frozen_training(args, data, tokenizer, work, cache: bool) -> tuple[float, float, MultiTaskModel]:
@@ -210,15 +235,12 @@ def frozen_training(args, data, tokenizer, work, cache: bool) -> tuple[float, fl
         args,
         work,
         MultiTaskTrainingArguments,
-        max_steps=-1,
         num_train_epochs=args.frozen_epochs,
         freeze="encoder",
         cache_frozen_embeddings=cache,
         learning_rate=3e-3,
     )
-    trainer = MultiTaskTrainer(
-        model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
-    )
+    trainer = MultiTaskTrainer(model=model, args=training_args, train_dataset=data["all"], processing_class=tokenizer)
     # A fresh cache folder: the cached run pays for computing the embeddings.
     with (
         tempfile.TemporaryDirectory() as cache_dir,
@@ -243,9 +265,16 @@ def inference(args, texts: list[str]) -> list[dict]:
     )
     encoder = SentenceTransformer(encoder_path(args), device=str(clf.device))
     encoder.max_seq_length = args.max_seq_length
+
+    def encode() -> object:
+        # In the pipeline's precision: it uses bf16 autocast on GPUs that support it.
+        with torch.autocast(clf.device.type, dtype=torch.bfloat16, enabled=clf.bf16):
+            return encoder.encode(texts, batch_size=args.batch_size)
+
+    precision = " (bf16 autocast)" if clf.bf16 else ""
     systems: list[tuple[str, Callable]] = [
-        ("MultiTaskPipeline (both tasks)", lambda: clf.predict_logits(texts)),
-        ("SentenceTransformer.encode (embedding only)", lambda: encoder.encode(texts, batch_size=args.batch_size)),
+        (f"MultiTaskPipeline (both tasks){precision}", lambda: clf.predict_logits(texts)),
+        (f"SentenceTransformer.encode (embedding only){precision}", encode),
     ]
     for name, call in systems:
         call()  # warm-up
@@ -267,7 +296,10 @@ def accuracy(model: MultiTaskModel, tokenizer, args) -> dict[str, float]:
 
 def prepare(args: SpeedArguments, tokenizer) -> dict:
     tasks = MultiTaskConfig().tasks
-    raw = load_files(args.data_file, tasks)
+    everything = load_files(args.data_file, tasks)
+    # An epoch of the training comparison: the same random texts for every system, a real length mix whatever the
+    # file's order. The frozen-encoder comparison and inference use the whole file.
+    raw = everything.shuffle(seed=0).select(range(min(len(everything), args.train_steps * args.batch_size)))
     multitask = tokenize(raw, tokenizer, args.max_seq_length)
     column = list(tasks).index(SINGLE_TASK)
     single = multitask.map(lambda row: {"labels": row["labels"][column]})  # one task, one integer label
@@ -278,7 +310,8 @@ def prepare(args: SpeedArguments, tokenizer) -> dict:
     )
     padded = padded.map(lambda row: {"labels": row["labels"][column]})
     return {
-        "texts": raw["text"][:],
+        "texts": everything["text"][:],
+        "all": tokenize(everything, tokenizer, args.max_seq_length),
         "multitask": multitask,
         "single": single,
         "single_padded": padded,
@@ -323,7 +356,7 @@ def main(argv=None) -> dict:
             lambda: single_task_training(args, data, tokenizer, work, pad_to_max=True),
         ),
         (
-            "plain PyTorch loop, 1 task, padded to max length (seed style)",
+            "plain PyTorch loop, 1 task, padded to max length, fp32 (seed style)",
             lambda: plain_loop_training(args, data, tokenizer, work),
         ),
     ]:

@@ -1,15 +1,22 @@
 """Smoke tests of the benchmark scripts on a tiny slice with the tiny model."""
 
+import hashlib
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from mtl import DEFAULT_TASKS
 from tests.conftest import make_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 BENCH_FILES = {
@@ -32,6 +39,55 @@ def bench_dir(tmp_path) -> Path:
         other = "sentiment" if task == "category" else "category"
         write_jsonl(tmp_path / name, [{**row, other: None} for row in rows[:9]])
     return tmp_path
+
+
+class FirstClassPipeline:
+    """Stands in for a trained model: predicts every task's first label (Tech, Positive) for every text."""
+
+    def __init__(self):
+        self.tasks = DEFAULT_TASKS
+
+    def predict_logits(self, texts):
+        logits = np.zeros((len(texts), 3), dtype=np.float32)
+        logits[:, 0] = 1.0
+        return [logits, logits]
+
+
+def test_each_column_is_scored_on_its_own_file_and_metric(tmp_path, monkeypatch):
+    import accuracy
+
+    labels = {  # per file: its task's labels, so that predicting the first class gives a known score per column
+        "test_topic_bbc.jsonl": ["Tech"] * 4,
+        "xdomain_topic_agnews.jsonl": ["Tech", "Sports", "Sports", "Politics"],
+        "test_sentiment_semeval2017.jsonl": ["Positive", "Negative", "Neutral", "Positive"],
+        "xdomain_sentiment_fpb.jsonl": ["Positive", "Neutral", "Neutral", "Neutral"],
+        "xdomain_sentiment_s140.jsonl": ["Positive", "Negative"],
+    }
+    for name, values in labels.items():
+        write_jsonl(tmp_path / name, [{"text": f"text {i}", BENCH_FILES[name]: v} for i, v in enumerate(values)])
+    monkeypatch.setattr(accuracy.MultiTaskPipeline, "from_pretrained", lambda *a, **k: FirstClassPipeline())
+    args = accuracy.BenchmarkArguments.__new__(accuracy.BenchmarkArguments)  # no file checks: only these files
+    args.data_dir, args.max_eval_samples, args.max_seq_length, args.seed = str(tmp_path), None, 32, 0
+    scores, _ = accuracy.score(args, tmp_path)
+    assert scores == pytest.approx(
+        {
+            "BBC acc": 100.0,
+            "AG News x-domain acc": 25.0,
+            "SemEval-2017 macro-recall": 100 / 3,  # Positive all found, the others never
+            "SemEval-2017 acc": 50.0,
+            "SemEval-2017 macro-F1": 100 * (2 / 3) / 3,  # Positive: precision 1/2, recall 1
+            "FPB macro-recall": 50.0,  # two classes present: Positive 1, Neutral 0
+            "S140 macro-recall": 50.0,
+        }
+    )
+
+
+def test_accuracy_benchmark_refuses_a_data_folder_without_its_test_files(bench_dir):
+    import accuracy
+
+    (bench_dir / "xdomain_sentiment_s140.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no \['xdomain_sentiment_s140.jsonl'\]"):
+        accuracy.main(["--data_dir", str(bench_dir)])
 
 
 def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir, capsys):
@@ -177,6 +233,17 @@ def test_accuracy_benchmark_refuses_zero_jobs(bench_dir):
         accuracy.BenchmarkArguments(data_dir=str(bench_dir), jobs=0)
 
 
+def test_speed_is_timed_on_the_whole_second_epoch():
+    import speed
+
+    timer = speed.StepTimer()
+    timer.times = [0.0, 1.0, 2.0, 3.0, 5.0, 7.0]  # 3 steps per epoch; the first epoch's cost is left out
+    assert timer.second_epoch_throughput(rows=30) == pytest.approx(30 / (7.0 - 2.0))
+    timer.times.append(8.0)
+    with pytest.raises(ValueError, match="two equal epochs"):
+        timer.second_epoch_throughput(rows=30)
+
+
 def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
     import speed
 
@@ -194,9 +261,7 @@ def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
             "--max_seq_length",
             "32",
             "--train_steps",
-            "8",
-            "--warmup_steps",
-            "2",
+            "3",
             "--frozen_epochs",
             "2",
             "--results_file",
@@ -225,3 +290,36 @@ def test_accuracy_benchmark_passes_linear_probing_options(tmp_path, bench_dir, t
     trained = torch.load(tmp_path / "out" / "multitask" / "model" / "training_args.bin", weights_only=False)
     assert trained.unfreeze_encoder_after_epochs == 1
     assert trained.head_learning_rate == pytest.approx(0.01)
+
+
+def carry_part(root: Path, payload: bytes, index: int) -> None:
+    """Put part `index` of a two-part kit (the layout benchmarks/gpu/pack.sh writes) beside the checkout, alone."""
+    shutil.rmtree(root / ".gpu", ignore_errors=True)
+    half = len(payload) // 2
+    folder = root / ".gpu" / f"p{index}"
+    folder.mkdir(parents=True)
+    (folder / f"part{index}").write_bytes(payload[:half] if index == 0 else payload[half:])
+    (folder / "manifest").write_text(f"parts=2\nsha256={hashlib.sha256(payload).hexdigest()}\n")
+
+
+def test_gpu_kit_staging_starts_over_when_a_part_of_another_kit_comes(tmp_path):
+    root = tmp_path / "checkout"
+    (root / "benchmarks" / "gpu").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu" / "run.sh", root / "benchmarks" / "gpu" / "run.sh")
+    env = {**os.environ, "KIT_DIR": str(tmp_path / "kit"), "OUT": str(tmp_path / "out")}
+
+    def stage() -> str:
+        done = subprocess.run(
+            ["bash", "benchmarks/gpu/run.sh", "stage"], cwd=root, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    old, new = b"an older kit" * 100, b"a newer kit" * 100
+    carry_part(root, old, 0)
+    assert "staged 1 of 2 kit parts" in stage()
+    carry_part(root, new, 1)  # a part of another kit: the older kit's part must not be combined with it
+    output = stage()
+    assert "staging starts over" in output and "staged 1 of 2 kit parts" in output
+    assert sorted(path.name for path in (tmp_path / "kit" / "parts").iterdir()) == ["manifest", "part1"]
+    assert hashlib.sha256(new).hexdigest() in (tmp_path / "kit" / "parts" / "manifest").read_text()

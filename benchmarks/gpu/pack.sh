@@ -20,7 +20,7 @@ httpx2 httpcore2 truststore dill multiprocess fsspec hf-xet regex click anyio id
 [[ -f "$data_dir/train.jsonl" ]] || { echo "error: $data_dir has no train.jsonl (give the benchmark data folder)" >&2; exit 1; }
 kit=.gpu
 rm -rf "$kit" && mkdir -p "$kit/stage/wheels"
-pins=$(python -m pip freeze | grep -i -E "^($(echo $packages | tr ' ' '|' | sed 's/[-_]/[-_]/g'))==")
+pins=$(python -m pip freeze | grep -i -E "^($(echo $packages | tr ' ' '|' | sed 's/[-_]/[-_]/g'))==" || true)
 missing=$(for name in $packages; do grep -q -i -E "^${name//[-_]/[-_]}==" <<<"$pins" || echo "$name"; done)
 if [[ -n $missing ]]; then
   echo "error: not installed here: $(echo $missing); install the project first: pip install -r requirements-dev.txt" >&2

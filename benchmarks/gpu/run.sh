@@ -16,6 +16,19 @@ kit=${KIT_DIR:-/tmp/mtl-gpu}
 out=${OUT:-outputs/gpu}
 mkdir -p "$kit/parts" "$out"
 
+# A kit is known by its checksum. A part of another kit than the one staged or unpacked here (a warm machine keeps
+# /tmp between calls) starts the staging over, so that no result comes from an older kit.
+carried=$(sed -n 's/^sha256=//p' .gpu/p*/manifest 2>/dev/null | head -n 1 || true)
+if [[ -n $carried ]]; then
+  if [[ -f $kit/ready && $(cat "$kit/ready") != "$carried" ]]; then
+    echo "a different kit came with this call: unpacking it instead of the one in $kit"
+    rm -rf "$kit" && mkdir -p "$kit/parts"
+  elif [[ -f $kit/parts/manifest && $(sed -n 's/^sha256=//p' "$kit/parts/manifest") != "$carried" ]]; then
+    echo "this part belongs to a different kit than the parts staged in $kit: staging starts over"
+    rm -rf "$kit/parts" && mkdir -p "$kit/parts"
+  fi
+fi
+
 unpack() {
   shopt -s nullglob
   for dir in .gpu/p*/; do cp "$dir"part? "$dir"manifest "$kit/parts/"; done
@@ -41,7 +54,7 @@ unpack() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$kit/site" \
     "$kit"/wheels/*.whl
   rm -rf "$kit/parts" "$kit/wheels"
-  touch "$kit/ready"
+  echo "$sha256" > "$kit/ready"
 }
 
 [[ -f "$kit/ready" ]] || unpack
@@ -55,6 +68,7 @@ case $what in
   accuracy)
     # --jobs 4: the four trainings at once (each logs to its own run_train.log, copied to $out afterwards)
     runs=/tmp/mtl-bench-accuracy
+    rm -rf "$runs"  # no log of an earlier call is copied as if it were this one's
     python3 benchmarks/accuracy.py --data_dir "$kit/bench" --model_name_or_path "$kit/model" --jobs 4 \
       --output_dir "$runs" --results_file "$out/RESULTS.md" "$@" 2>&1 | tee "$out/accuracy.log" || status=$?
     for log in "$runs"/*/run_train.log; do
