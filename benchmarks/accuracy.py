@@ -19,6 +19,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -218,9 +219,33 @@ def prepare(args: BenchmarkArguments, name: str, tasks: dict, extra: list[str]) 
     return work, argv
 
 
-def execute(args: BenchmarkArguments, work: Path, argv: list[str], running: list | None = None) -> float:
-    """Train one run: in this process, or (with --jobs > 1) as its own run_train.py process, listed in `running` so
-    that it can be stopped if another run fails. Returns the wall time."""
+class Processes:
+    """The training processes of a --jobs run, stopped together: once `stop()` ran, none is started any more (a
+    thread about to start one when another run failed would otherwise escape it)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._started: list[subprocess.Popen] = []
+        self._stopped = False
+
+    def start(self, command: list[str], log) -> subprocess.Popen:
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("not started: another run failed")
+            process = subprocess.Popen(command, stdout=log, stderr=log)
+            self._started.append(process)
+            return process
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for process in self._started:
+                process.terminate()
+
+
+def execute(args: BenchmarkArguments, work: Path, argv: list[str], processes: Processes | None = None) -> float:
+    """Train one run: in this process, or (with --jobs > 1) as its own run_train.py process, started through
+    `processes` so that it can be stopped if another run fails. Returns the wall time."""
     logger.info("%s: python run_train.py %s", work.name, shlex.join(argv))
     start = time.perf_counter()
     if args.jobs == 1:
@@ -228,9 +253,7 @@ def execute(args: BenchmarkArguments, work: Path, argv: list[str], running: list
         return time.perf_counter() - start
     log = work / "run_train.log"
     with log.open("w", encoding="utf-8") as handle:
-        process = subprocess.Popen([sys.executable, str(ROOT / "run_train.py"), *argv], stdout=handle, stderr=handle)
-        if running is not None:
-            running.append(process)
+        process = (processes or Processes()).start([sys.executable, str(ROOT / "run_train.py"), *argv], handle)
         code = process.wait()
     if code:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
@@ -332,11 +355,11 @@ def run_systems(args: BenchmarkArguments, tasks: dict) -> list[dict]:
             score_system(args, system, [work for work, _ in runs], [execute(args, *run) for run in runs])
             for system, runs in plans.items()
         ]
-    running: list[subprocess.Popen] = []
+    processes = Processes()
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
         futures = {
-            system: [pool.submit(execute, args, work, argv, running) for work, argv in runs]
+            system: [pool.submit(execute, args, work, argv, processes) for work, argv in runs]
             for system, runs in plans.items()
         }
         pending = {future for system_futures in futures.values() for future in system_futures}
@@ -352,8 +375,7 @@ def run_systems(args: BenchmarkArguments, tasks: dict) -> list[dict]:
     except BaseException:
         # One run failed (or Ctrl-C): do not leave the others training for minutes behind an error message.
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in running:
-            process.terminate()
+        processes.stop()
         raise
     finally:
         pool.shutdown()

@@ -323,3 +323,15 @@ def test_gpu_kit_staging_starts_over_when_a_part_of_another_kit_comes(tmp_path):
     assert "staging starts over" in output and "staged 1 of 2 kit parts" in output
     assert sorted(path.name for path in (tmp_path / "kit" / "parts").iterdir()) == ["manifest", "part1"]
     assert hashlib.sha256(new).hexdigest() in (tmp_path / "kit" / "parts" / "manifest").read_text()
+
+
+def test_no_training_process_starts_once_the_runs_are_stopped(tmp_path):
+    import accuracy
+
+    processes = accuracy.Processes()
+    with (tmp_path / "log").open("w") as log:
+        sleeper = processes.start([sys.executable, "-c", "import time; time.sleep(60)"], log)
+        processes.stop()
+        assert sleeper.wait(timeout=30) != 0  # terminated
+        with pytest.raises(RuntimeError, match="another run failed"):
+            processes.start([sys.executable, "-c", "pass"], log)
