@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import psutil
 import torch
 from transformers import (
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import mtl.caching
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, load_files
+from mtl.args import GPU_DATALOADER_WORKERS
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import tokenize
 from mtl.metrics import task_reports
@@ -152,8 +154,8 @@ def encoder_path(args: SpeedArguments) -> str:
 
 
 def loader_workers() -> int:
-    """Every system loads its batches the same way: mtl's GPU default (2 workers), none on a CPU."""
-    return 2 if torch.cuda.is_available() else 0
+    """Every system loads its batches the same way: with mtl's GPU default of workers, none on a CPU."""
+    return GPU_DATALOADER_WORKERS if torch.cuda.is_available() else 0
 
 
 def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **overrides) -> TrainingArguments:
@@ -297,10 +299,11 @@ def accuracy(model: MultiTaskModel, tokenizer, args) -> dict[str, float]:
 def prepare(args: SpeedArguments, tokenizer) -> dict:
     tasks = MultiTaskConfig().tasks
     everything = load_files(args.data_file, tasks)
+    tokens = tokenize(everything, tokenizer, args.max_seq_length)
     # An epoch of the training comparison: the same random texts for every system, a real length mix whatever the
     # file's order. The frozen-encoder comparison and inference use the whole file.
-    raw = everything.shuffle(seed=0).select(range(min(len(everything), args.train_steps * args.batch_size)))
-    multitask = tokenize(raw, tokenizer, args.max_seq_length)
+    rows = np.random.default_rng(0).permutation(len(everything))[: args.train_steps * args.batch_size]
+    raw, multitask = everything.select(rows), tokens.select(rows)
     column = list(tasks).index(SINGLE_TASK)
     single = multitask.map(lambda row: {"labels": row["labels"][column]})  # one task, one integer label
     padded = raw.map(
@@ -311,7 +314,7 @@ def prepare(args: SpeedArguments, tokenizer) -> dict:
     padded = padded.map(lambda row: {"labels": row["labels"][column]})
     return {
         "texts": everything["text"][:],
-        "all": tokenize(everything, tokenizer, args.max_seq_length),
+        "all": tokens,
         "multitask": multitask,
         "single": single,
         "single_padded": padded,

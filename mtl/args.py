@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTPUT_DIR = "outputs/mtl-minilm"
 ALLOW_PICKLE_HELP = "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."
 STEP_SCHEDULER = "step"
+GPU_DATALOADER_WORKERS = 2  # default data loading workers when training on a GPU
 
 
 @dataclass
@@ -300,7 +301,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
         if self.bf16 is None:
             self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
         if self.dataloader_num_workers is None:
-            self.dataloader_num_workers = 2 if gpu else 0
+            self.dataloader_num_workers = GPU_DATALOADER_WORKERS if gpu else 0
 
     def _check_averaging(self) -> None:
         count = self.average_checkpoints
