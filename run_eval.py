@@ -38,7 +38,10 @@ class EvalArguments(InferenceArguments):
     predictions_file: str | None = field(
         default=None, metadata={"help": "Also write one JSON line per example: each task's label and probability."}
     )
-    max_seq_length: int = field(default=128, metadata={"help": "Texts are truncated to this many tokens."})
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate texts to this many tokens (default: the length the model was trained at)."},
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. Tokenizer and model.
     tokenizer = load_tokenizer(source)
+    # Saved with the model, so that prediction truncates where training did (run_eval, the pipeline, mtl.predict).
+    tokenizer.model_max_length = data_args.max_seq_length
     if continuing:
         model = load_multitask_model(source, allow_pickle=model_args.allow_pickle)
     else:

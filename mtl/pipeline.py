@@ -33,7 +33,8 @@ class MultiTaskPipeline:
     [{'text': ..., 'category': 'Tech', 'category_score': 0.98, 'sentiment': 'Positive', 'sentiment_score': 0.95}]
 
     Texts are tokenized once, sorted by length and batched, so each batch pads to a similar length; results come
-    back in input order. Texts longer than `max_length` tokens are truncated.
+    back in input order. Texts longer than `max_length` tokens are truncated; by default at the tokenizer's
+    `model_max_length`, which `run_train.py` sets to the length the model was trained at (`--max_seq_length`).
     """
 
     def __init__(
@@ -55,7 +56,8 @@ class MultiTaskPipeline:
         # bf16 autocast on GPUs that support it: about twice the throughput, labels unchanged in practice.
         self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         limit = model.config.max_position_embeddings or 512
-        self.max_length = min(max_length or limit, limit)
+        # A tokenizer without a recorded length reports a huge `model_max_length`: the position limit caps it.
+        self.max_length = min(max_length or tokenizer.model_max_length or limit, limit)
 
     @classmethod
     def from_pretrained(

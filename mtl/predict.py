@@ -38,7 +38,8 @@ class PredictArguments(InferenceArguments):
     output: str | None = field(default=None, metadata={"help": "Write the JSON lines here instead of stdout."})
     text_column: str = field(default="text", metadata={"help": "The text column of a .jsonl/.csv input."})
     max_length: int | None = field(
-        default=None, metadata={"help": "Truncate texts to this many tokens (default: the encoder's position limit)."}
+        default=None,
+        metadata={"help": "Truncate texts to this many tokens (default: the length the model was trained at)."},
     )
     chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
 

@@ -60,6 +60,24 @@ def test_very_long_text_is_truncated(clf):
     assert result["category"] in clf.tasks["category"]
 
 
+def test_texts_are_cut_where_the_tokenizer_says_the_model_was_trained(saved_model, tiny_model, tiny_tokenizer):
+    long_text = " ".join(["the phone", "the match"] * 20)
+    assert MultiTaskPipeline.from_pretrained(saved_model).max_length == 64  # no recorded length: the position limit
+    tiny_tokenizer.model_max_length = 8  # what run_train.py records for --max_seq_length 8
+    tiny_tokenizer.save_pretrained(saved_model)
+    clf = MultiTaskPipeline.from_pretrained(saved_model, device="cpu")
+    assert clf.max_length == 8
+    cut = tiny_tokenizer([long_text], truncation=True, max_length=8, return_tensors="pt")
+    assert cut["input_ids"].shape[1] == 8
+    tiny_model.eval()
+    with torch.no_grad():
+        expected = tiny_model(**cut).logits
+    for task_logits, one in zip(clf.predict_logits([long_text]), expected, strict=True):
+        np.testing.assert_allclose(task_logits[0], one[0].numpy(), atol=1e-5)
+    assert MultiTaskPipeline.from_pretrained(saved_model, max_length=16).max_length == 16  # an explicit length wins
+    assert MultiTaskPipeline.from_pretrained(saved_model, max_length=1000).max_length == 64
+
+
 @pytest.mark.parametrize(
     ("texts", "message"), [([], "No texts"), (["ok", ""], "Input 1 is empty"), (["ok", 3], "Input 1 is a int")]
 )

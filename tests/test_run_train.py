@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import run_eval
 import run_train
 from mtl.cli import run
+from mtl.pipeline import MultiTaskPipeline
 from tests.conftest import train_flags, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,10 @@ def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
     assert state["global_step"] == 10  # 36 rows / 8 = 5 steps per epoch, 2 epochs
     assert any("loss_category" in entry and "loss_sentiment" in entry for entry in state["log_history"])
     assert sum("eval_category_accuracy" in entry for entry in state["log_history"]) == 2  # one per epoch
+
+    # the model is saved with the length it trained at, so that prediction truncates there too
+    assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    assert MultiTaskPipeline.from_pretrained(output).max_length == 32
 
     predictions = tmp_path / "not-yet" / "predictions.jsonl"  # its folder is created
     results = run_eval.main(
