@@ -8,6 +8,7 @@ them back. Use it after training with `--average_checkpoints N`, or on the saved
         --output_dir outputs/averaged
 """
 
+import json
 import logging
 import shutil
 import sys
@@ -41,6 +42,7 @@ def average_state_dicts(checkpoints: Sequence[str | Path]) -> dict[str, torch.Te
             raise FileNotFoundError(
                 f"{path} does not exist: checkpoint averaging reads unsharded safetensors weights."
             )
+    check_same_tasks(checkpoints)
     first = load_file(paths[0])
     sums = {name: t.float() if t.is_floating_point() else t for name, t in first.items()}
     for path in paths[1:]:
@@ -62,6 +64,24 @@ def average_state_dicts(checkpoints: Sequence[str | Path]) -> dict[str, torch.Te
         name: (total / len(paths)).to(first[name].dtype) if total.is_floating_point() else total
         for name, total in sums.items()
     }
+
+
+def check_same_tasks(checkpoints: Sequence[str | Path]) -> None:
+    """Checkpoints whose configs list other tasks, labels (or label orders) or pooling hold heads whose rows mean
+    different things: averaging them would mix the labels without any shape telling."""
+    configs = {}
+    for checkpoint in checkpoints:
+        path = Path(checkpoint) / "config.json"
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            configs[str(checkpoint)] = (config.get("tasks"), config.get("pooling"))
+    if len(set(map(repr, configs.values()))) > 1:
+        (first, (tasks, pooling)), *_ = configs.items()
+        other, (other_tasks, other_pooling) = next((c, v) for c, v in configs.items() if v != (tasks, pooling))
+        raise ValueError(
+            f"{other} was trained with tasks {other_tasks} and {other_pooling} pooling, {first} with {tasks} and "
+            f"{pooling} pooling: average checkpoints of one run only."
+        )
 
 
 def load_averaged_weights(model: torch.nn.Module, checkpoints: Sequence[str | Path]) -> None:

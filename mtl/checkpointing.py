@@ -60,7 +60,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def resolve_checkpoint(resume: str | bool | None, output_dir: str | Path) -> str | None:
     """`True`/'latest' -> the newest complete checkpoint in `output_dir`; a path -> that checkpoint, checked."""
-    if resume is None or resume is False:
+    if resume is None or resume is False or resume == "":
         return None
     if resume is True or str(resume).lower() in ("true", "latest"):
         checkpoint = latest_checkpoint(output_dir)
@@ -130,6 +130,10 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Give the signals back to their earlier handlers (also when training raised and never reached its end)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

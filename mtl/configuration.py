@@ -65,6 +65,11 @@ class MultiTaskConfig(PreTrainedConfig):
     classifier_dropout: float = 0.1
 
     def __post_init__(self, **kwargs):
+        if kwargs.get("model_type", self.model_type) != self.model_type:  # e.g. MultiTaskModel.from_pretrained(bert)
+            raise ValueError(
+                f"This is the config of a {kwargs['model_type']!r} model, not of an mtl model: build one on that "
+                "encoder with MultiTaskModel.from_encoder(path), or load a directory written by run_train.py."
+            )
         tasks = DEFAULT_TASKS if self.tasks is None else self.tasks
         if isinstance(tasks, list):  # the saved form: [[task, [labels...]], ...]
             if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in tasks):
@@ -74,7 +79,7 @@ class MultiTaskConfig(PreTrainedConfig):
         self.tasks = {task: list(labels) for task, labels in tasks.items()}
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}.")
-        if not 0.0 <= self.classifier_dropout < 1.0:
+        if not isinstance(self.classifier_dropout, (int, float)) or not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
         super().__post_init__(**kwargs)
 

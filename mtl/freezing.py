@@ -85,7 +85,7 @@ class UnfreezeEncoderCallback(TrainerCallback):
         self._grad_modes = []  # the grad mode to restore after each encoder call (a stack: calls could nest)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._remove_hooks()  # left by a run that raised before its end
+        self.remove_hooks()  # left by a run that raised before its end
         self.frozen = True
         self._hooks = [
             model.encoder.register_forward_pre_hook(self._enter),
@@ -101,9 +101,10 @@ class UnfreezeEncoderCallback(TrainerCallback):
             logger.info("Epoch %d: encoder unfrozen, the whole model now trains", epochs_done)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._remove_hooks()
+        self.remove_hooks()
 
-    def _remove_hooks(self) -> None:
+    def remove_hooks(self) -> None:
+        """Detach from the encoder (at the end of training, also when it raised)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -112,6 +113,9 @@ class UnfreezeEncoderCallback(TrainerCallback):
         self._grad_modes.append(torch.is_grad_enabled())
         if self.frozen:
             torch.set_grad_enabled(False)
+            # A frozen encoder is a fixed feature extractor, as under --freeze encoder: no dropout. The Trainer puts
+            # the model back in train mode every step, which trains the encoder fully once it is unfrozen.
+            module.eval()
 
     def _leave(self, module: nn.Module, inputs, output) -> None:
         torch.set_grad_enabled(self._grad_modes.pop())

@@ -4,6 +4,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,10 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         Only safetensors weights are read unless `allow_pickle=True` (pickle files can run code when loaded).
         """
         path = resolve_encoder_name(encoder_name_or_path)
+        # One dtype for the whole model: transformers would build the encoder in the dtype its config.json records
+        # (often float16 on the Hub) next to float32 heads. Mixed precision comes from autocast, not the weights.
+        dtype = encoder_kwargs.pop("dtype", None) or torch.get_default_dtype()
+        attn_implementation = encoder_kwargs.pop("attn_implementation", None)
         encoder_config = AutoConfig.from_pretrained(path, **encoder_kwargs)
         config = MultiTaskConfig(
             encoder=encoder_config, tasks=tasks, pooling=pooling, classifier_dropout=classifier_dropout
@@ -196,28 +201,17 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         config.name_or_path = encoder_config.name_or_path = source
         # The Trainer aligns the top-level pad id with the tokenizer's; take the encoder's so nothing needs fixing.
         config.pad_token_id = getattr(encoder_config, "pad_token_id", None)
-        model = cls(config)
-        safetensors_only = None if allow_pickle else True
-        # transformers reports the checkpoint's [CLS] pooler, which we do not build, as "unexpected": expected here,
-        # and missing weights are checked below, so its load report is silenced.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            pretrained = _build_encoder(
-                AutoModel.from_pretrained,
-                path,
-                config=encoder_config,
-                use_safetensors=safetensors_only,
-                **encoder_kwargs,
-            )
-        except OSError as error:
-            raise _weights_error(path, error) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        model = cls(config).to(dtype)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        pretrained, missing = _load_encoder_weights(path, encoder_config, dtype, allow_pickle, encoder_kwargs)
         # The checkpoint may carry a pooler we do not build; everything we do build must come from the checkpoint.
-        missing, _ = model.encoder.load_state_dict(pretrained.state_dict(), strict=False)
+        missing += model.encoder.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
         if missing:
-            raise ValueError(f"The encoder checkpoint {path!r} lacks weights for {missing[:5]}...")
+            raise ValueError(
+                f"The encoder checkpoint {path!r} lacks {len(missing)} weights (e.g. {sorted(missing)[:3]}): it is "
+                "incomplete or of another architecture; pass a complete checkpoint of a base encoder model."
+            )
         logger.info("Loaded encoder %s with fresh heads for tasks %s", path, list(config.tasks))
         return model
 
@@ -302,6 +296,32 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         )
 
 
+def _load_encoder_weights(
+    path: str, config: PreTrainedConfig, dtype: torch.dtype, allow_pickle: bool, kwargs: dict
+) -> tuple[PreTrainedModel, list[str]]:
+    """The pretrained encoder and the names of the weights its checkpoint lacks (transformers would fill them with
+    random values and only log it)."""
+    # transformers reports the checkpoint's [CLS] pooler, which we do not build, as "unexpected": expected here, and
+    # the missing weights are returned to the caller, so its load report is silenced.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        pretrained, info = _build_encoder(
+            AutoModel.from_pretrained,
+            path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except OSError as error:
+        raise _weights_error(path, error) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return pretrained, [name for name in info["missing_keys"] if not name.startswith("pooler.")]
+
+
 def _build_encoder(build, *args, **kwargs) -> PreTrainedModel:
     """Build the encoder without its [CLS] pooler where the architecture allows: we pool ourselves, and an unused
     layer would only cost memory and trip DDP's unused-parameter check."""
@@ -362,7 +382,8 @@ def load_multitask_model(name_or_path: str | os.PathLike, allow_pickle: bool = F
 
 
 def _weights_error(name_or_path, error: OSError) -> FileNotFoundError:
-    pickles = [p for p in ("pytorch_model.bin", "model.pt") if os.path.isfile(os.path.join(str(name_or_path), p))]
+    folder = Path(name_or_path)
+    pickles = sorted(p.name for pattern in ("pytorch_model*.bin", "model.pt") for p in folder.glob(pattern))
     if pickles:
         return FileNotFoundError(
             f"{str(name_or_path)!r} has only pickle weights ({', '.join(pickles)}), which can run code when loaded; "

@@ -106,6 +106,7 @@ class MultiTaskTrainer(Trainer):
         self._token_lengths: list[int] | None = None  # of the training rows, kept when their embeddings are cached
         self.averaged_checkpoints: list[str] = []  # the checkpoints whose mean the final weights are, if any
         self._steps_per_epoch: int | None = None  # optimizer steps per epoch, as the training loop counted them
+        self._epoch_seeded_sampler: Sampler | None = None  # ours, seeded by (seed, epoch), when training uses one
 
     def _resolve_class_weights(self) -> list[torch.Tensor] | None:
         if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
@@ -118,14 +119,20 @@ class MultiTaskTrainer(Trainer):
         return [w.to(self.args.device) for w in weights]
 
     def get_train_dataloader(self) -> DataLoader:
-        if self.train_data_collator is None:
-            return super().get_train_dataloader()
+        self._epoch_seeded_sampler = None
         # The Trainer builds every loader from self.data_collator: lend it the training one for this loader only.
-        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
+        eval_collator = self.data_collator
+        self.data_collator = self.train_data_collator or eval_collator
         try:
-            return super().get_train_dataloader()
+            dataloader = super().get_train_dataloader()
         finally:
             self.data_collator = eval_collator
+        if self._epoch_seeded_sampler is not None and hasattr(dataloader, "set_sampler"):
+            # In a distributed run accelerate wraps the sampler, and the loader it builds to skip the batches a
+            # resumed epoch has done would not pass set_epoch on: that epoch would replay epoch 0's order. Naming
+            # the sampler to the loader (as accelerate does for its own seedable sampler) keeps the epoch in step.
+            dataloader.set_sampler(self._epoch_seeded_sampler)
+        return dataloader
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -146,12 +153,14 @@ class MultiTaskTrainer(Trainer):
             )
             shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
             logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
-            return sampler
-        if not grouped:
+        elif not grouped:
             return super()._get_train_sampler(train_dataset)
-        if lengths is None:
+        elif lengths is None:
             return RandomSampler(dataset)
-        return EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self._data_seed)
+        else:
+            sampler = EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self._data_seed)
+        self._epoch_seeded_sampler = sampler
+        return sampler
 
     @property
     def _data_seed(self) -> int:
@@ -199,8 +208,12 @@ class MultiTaskTrainer(Trainer):
         self.add_callback(stopper)
         try:
             result = super().train(resume_from_checkpoint=resume, **kwargs)
-        finally:
+        finally:  # on_train_end is not called when training raises: leave no handler or hook behind
             self.remove_callback(stopper)
+            stopper.restore()
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, UnfreezeEncoderCallback):
+                    callback.remove_hooks()
         if stopper.stopped_at is not None:
             raise TrainingInterrupted(
                 f"training stopped by {stopper.requested} at step {stopper.stopped_at}; the checkpoint is in "

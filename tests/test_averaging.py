@@ -58,6 +58,19 @@ def test_checkpoints_of_different_models_are_refused(tmp_path):
         average_state_dicts([a, tmp_path / "missing"])
 
 
+def test_checkpoints_with_other_label_orders_are_refused(tmp_path, tiny_model):
+    from mtl import MultiTaskConfig
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny_model.save_pretrained(a)
+    tiny_model.save_pretrained(b)
+    tasks = {"category": ["Politics", "Tech", "Sports"], "sentiment": ["Positive", "Negative", "Neutral"]}
+    MultiTaskConfig(encoder=tiny_model.config.encoder, tasks=tasks).save_pretrained(b)  # same shapes, rows reordered
+    with pytest.raises(ValueError, match=r"b was trained with tasks .*'Politics', 'Tech'.*one run only"):
+        average_state_dicts([a, b])
+    assert average_state_dicts([a, a]).keys() == load_file(a / WEIGHTS_NAME).keys()
+
+
 def test_trainer_averages_the_last_checkpoints(tiny_model, make_trainer, tmp_path):
     trainer = make_trainer(
         tiny_model, num_train_epochs=3, save_strategy="epoch", save_total_limit=2, average_checkpoints=2

@@ -1,6 +1,8 @@
 """`accelerate launch` with two real processes (DDP over gloo on CPU)."""
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,29 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A port nothing listens on, so that runs of the suite side by side do not meet on accelerate's default."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(encoder: Path, train_file: Path, output: Path, *flags: str) -> None:
+    """run_train.py under `accelerate launch` with two CPU processes; `flags` add to or override the defaults."""
+    # fmt: off
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "run_train.py",
+        "--model_name_or_path", str(encoder), "--train_file", str(train_file), "--validation_file", "",
+        "--test_file", "", "--output_dir", str(output), "--use_cpu", "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--disable_tqdm", "true", *flags,
+    ]
+    # fmt: on
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
 def test_two_process_training_with_partial_labels_a_frozen_head_and_gradual_unfreezing(tmp_path, tiny_encoder_dir):
     rows = make_rows(36)
     for i, row in enumerate(rows):  # a third topic-only, a third sentiment-only, a third both
@@ -26,48 +51,19 @@ def test_two_process_training_with_partial_labels_a_frozen_head_and_gradual_unfr
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "validation.jsonl", make_rows(12))
     output = tmp_path / "model"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "run_train.py",
-        "--model_name_or_path",
-        str(tiny_encoder_dir),
-        "--train_file",
-        str(tmp_path / "train.jsonl"),
+    launch(
+        tiny_encoder_dir,
+        tmp_path / "train.jsonl",
+        output,
         "--validation_file",
         str(tmp_path / "validation.jsonl"),
-        "--test_file",
-        "",
-        "--output_dir",
-        str(output),
-        "--use_cpu",
-        "--num_train_epochs",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--max_seq_length",
-        "32",
         "--freeze",
         "sentiment",
         "--unfreeze_encoder_after_epochs",
         "1",
         "--task_mixing",
         "temperature",
-        "--disable_tqdm",
-        "true",
-    ]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    )
     train_results = json.loads((output / "train_results.json").read_text())
     assert train_results["world_size"] == 2
     state = json.loads((output / "trainer_state.json").read_text())
@@ -95,3 +91,22 @@ def test_two_process_training_with_partial_labels_a_frozen_head_and_gradual_unfr
         ]
     )
     assert 0.0 <= results["category_accuracy"] <= 1.0 and "sentiment_accuracy" in results
+
+
+@pytest.mark.parametrize("mixing", [["--task_mixing", "temperature"], []])  # [] : the defaults (length-grouped)
+def test_two_process_resume_mid_epoch_ends_with_the_uninterrupted_model(tmp_path, tiny_encoder_dir, mixing):
+    rows = make_rows(36)
+    for row in rows[::3]:
+        row["sentiment"] = None
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    steps = ["--num_train_epochs", "3", "--learning_rate", "3e-3", "--save_strategy", "steps", "--save_steps", "2"]
+    steps += ["--save_total_limit", "20"]
+    launch(tiny_encoder_dir, tmp_path / "train.jsonl", tmp_path / "full", *steps, *mixing)
+    # 5 steps per epoch: checkpoint-6 is one step into epoch 2, whose order must not be epoch 0's
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    resume = ["--resume_from_checkpoint", "latest"]
+    launch(tiny_encoder_dir, tmp_path / "train.jsonl", tmp_path / "resumed", *steps, *mixing, *resume)
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(full[key], resumed[key]) for key in full)

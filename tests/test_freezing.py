@@ -112,3 +112,34 @@ def test_gradual_unfreezing_counts_whole_epochs_when_resumed_mid_epoch(epoch, fr
     callback = UnfreezeEncoderCallback(after_epochs=2)
     callback.on_epoch_begin(None, TrainerState(epoch=epoch), None)
     assert callback.frozen is frozen
+
+
+def test_a_gradually_unfrozen_encoder_runs_without_dropout_while_frozen(tiny_model, make_trainer):
+    modes = []  # (epoch, encoder in train mode) at each encoder call
+    trainer = make_trainer(tiny_model, unfreeze_encoder_after_epochs=1, num_train_epochs=2)
+    tiny_model.encoder.register_forward_hook(
+        lambda module, args, output: modes.append((trainer.state.epoch, module.training))
+    )
+    trainer.train()
+    assert len(modes) == 4  # 16 rows, batches of 8, 2 epochs
+    assert [training for epoch, training in modes] == [False, False, True, True]
+
+
+class RaiseAtStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("boom")
+
+
+def test_a_failed_training_run_leaves_no_hook_or_signal_handler_behind(tiny_model, make_trainer):
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    trainer = make_trainer(tiny_model, unfreeze_encoder_after_epochs=1, num_train_epochs=2)
+    trainer.add_callback(RaiseAtStep())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again
+    assert not tiny_model.encoder._forward_pre_hooks and not tiny_model.encoder._forward_hooks
+    ids = torch.tensor([[2, 5, 6, 3]])
+    assert tiny_model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.requires_grad

@@ -166,3 +166,31 @@ def test_encoder_runs_without_cudnn_attention(tiny_model, tiny_tokenizer):
     with torch.no_grad():
         pooled = tiny_model.embed(**batch(tiny_tokenizer))[0]
     torch.testing.assert_close(logits[0], tiny_model.heads["category"](pooled))
+
+
+def test_an_encoder_saved_in_half_precision_gives_one_float32_model(tmp_path, tiny_encoder_dir, tiny_tokenizer):
+    AutoModel.from_pretrained(tiny_encoder_dir, add_pooling_layer=False).to(torch.bfloat16).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    model = MultiTaskModel.from_encoder(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model(**batch(tiny_tokenizer)).logits[0].dtype == torch.float32
+    halved = MultiTaskModel.from_encoder(tiny_encoder_dir, dtype=torch.bfloat16)  # asked for: the whole model
+    assert {p.dtype for p in halved.parameters()} == {torch.bfloat16}
+
+
+def test_an_incomplete_encoder_checkpoint_is_refused(tmp_path, tiny_encoder_dir):
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_encoder_dir / name).read_bytes())
+    weights = load_file(tiny_encoder_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks 16 weights .*encoder\.layer\.1\."):
+        MultiTaskModel.from_encoder(tmp_path)
+
+
+def test_from_encoder_applies_the_attention_implementation(tiny_encoder_dir, tiny_tokenizer):
+    model = MultiTaskModel.from_encoder(tiny_encoder_dir, attn_implementation="eager").eval()
+    assert model.encoder.config._attn_implementation == "eager"
+    attentions = model(**batch(tiny_tokenizer), output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape[1] == 2  # one per layer, one map per head

@@ -89,6 +89,19 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path, tiny_model, tin
         assert torch.equal(loaded(**inputs).logits[0], tiny_model.eval()(**inputs).logits[0])
 
 
+def test_sharded_pickle_weights_are_named_too(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    to_pickle(tmp_path)
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "pytorch_model-00001-of-00001.bin")
+    with pytest.raises(FileNotFoundError, match=r"only pickle weights \(pytorch_model-00001-of-00001.bin\)"):
+        load_multitask_model(tmp_path)
+
+
+def test_an_encoder_is_not_mistaken_for_an_mtl_model(tiny_encoder_dir):
+    with pytest.raises(ValueError, match=r"config of a 'bert' model, not of an mtl model.*from_encoder"):
+        MultiTaskModel.from_pretrained(tiny_encoder_dir)
+
+
 def test_pickle_encoders_are_refused_unless_allowed(tmp_path, tiny_encoder_dir):
     encoder = tmp_path / "encoder"
     shutil.copytree(tiny_encoder_dir, encoder)
@@ -174,6 +187,8 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
         resolve_checkpoint(str(tmp_path / "checkpoint-15"), tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_checkpoint(True, tmp_path / "checkpoint-15")
+    for nothing in (None, False, ""):  # "" as in --resume_from_checkpoint "": no resume, like --validation_file ""
+        assert resolve_checkpoint(nothing, tmp_path) is None
 
 
 def long_run(encoder, data_dir, output) -> list[str]:
