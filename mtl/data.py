@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -125,21 +126,31 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     return _read_json_lines(text, path) if suffix == ".jsonl" else _read_json(text, path)
 
 
+# A label position as a cell holds it: "2", or "2.0" as pandas writes an integer column that has empty cells.
+_POSITION = re.compile(r"(\d+)(?:\.0*)?")
+
+
 def _label_id(value, labels: list[str], where: str, task: str) -> int:
-    """The id of a label name (or of an in-range integer id); -100 for an empty cell, null or missing key."""
+    """The id of a label name, or of a label position (0, 1, ...; a number or a string of digits, as CSV cells are);
+    -100 for an empty cell, null or missing key. A name wins over a position, so numeric label names ("1" to "5"
+    stars) mean the same in JSON (1) and in CSV ("1")."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return IGNORE_INDEX
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
-        return value
-    if isinstance(value, str):
-        name = value.strip()
+    if isinstance(value, float) and value.is_integer():  # 2.0, as above
+        value = int(value)
+    name = value.strip() if isinstance(value, str) else str(value) if isinstance(value, int) else None
+    if name is not None and not isinstance(value, bool):
         if name in labels:
             return labels.index(name)
+        position = _POSITION.fullmatch(name)
+        if position and int(position[1]) < len(labels):
+            return int(position[1])
         matches = [label for label in labels if label.lower() == name.lower()]
         if matches:
             raise DataError(f"{where}: {task} label {value!r} has the wrong case; did you mean {matches[0]!r}?")
     raise DataError(
-        f"{where}: unknown {task} label {value!r}; allowed values are {labels} (or an empty cell for no label)."
+        f"{where}: unknown {task} label {value!r}; allowed values are {labels}, their positions 0-{len(labels) - 1}, "
+        "or an empty cell for no label."
     )
 
 

@@ -69,6 +69,24 @@ def test_several_files_are_combined(tmp_path):
 def test_integer_label_ids_are_accepted(tmp_path):
     path = write(tmp_path, "ids.jsonl", '{"text": "x y", "category": 2, "sentiment": 0}\n')
     assert label_matrix(load_files(path, TASKS)).tolist() == [[2, 0]]
+    csv = write(tmp_path, "ids.csv", "text,category,sentiment\nx y,2,0\nz,1.0,\n")  # CSV cells are text
+    assert label_matrix(load_files(csv, TASKS)).tolist() == [[2, 0], [1, IGNORE_INDEX]]
+    as_float = write(tmp_path, "float.jsonl", '{"text": "x y", "category": 1.0}\n')  # pandas' integers with gaps
+    assert label_matrix(load_files(as_float, TASKS)).tolist() == [[1, IGNORE_INDEX]]
+
+
+def test_numeric_label_names_mean_the_same_in_json_and_csv(tmp_path):
+    stars = {"stars": ["1", "2", "3"]}
+    from_json = write(tmp_path, "stars.jsonl", '{"text": "a", "stars": 1}\n{"text": "b", "stars": 3}\n')
+    from_csv = write(tmp_path, "stars.csv", "text,stars\na,1\nb,3\n")
+    assert label_matrix(load_files(from_json, stars)).tolist() == [[0], [2]]  # the names "1" and "3"
+    assert label_matrix(load_files(from_csv, stars)).tolist() == [[0], [2]]
+    zero_based = {"grade": ["0", "1"]}
+    assert label_matrix(load_files(write(tmp_path, "g.csv", "text,grade\na,1\n"), zero_based)).tolist() == [[1]]
+    with pytest.raises(
+        DataError, match=r"unknown stars label 4; allowed values are \['1', '2', '3'\], their positions"
+    ):
+        load_files(write(tmp_path, "four.jsonl", '{"text": "a", "stars": 4}\n'), stars)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +103,9 @@ def test_integer_label_ids_are_accepted(tmp_path):
             r"row 1: unknown category label 'Science'; allowed "
             r"values are \['Tech', 'Sports', 'Politics'\]",
         ),
+        ("position.csv", "text,category\nok,3\n", r"row 2: unknown category label '3'.*positions 0-2"),
+        ("bool.jsonl", '{"text": "ok", "category": true}\n', r"unknown category label True"),
+        ("fraction.jsonl", '{"text": "ok", "category": 0.5}\n', r"unknown category label 0.5"),
         ("case.jsonl", '{"text": "ok", "sentiment": "positive"}\n', r"wrong case; did you mean 'Positive'\?"),
         (
             "notext.csv",
