@@ -107,7 +107,9 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+        # Both numbers mixed, not added: with seed + epoch, seed 0's second epoch would be seed 1's first.
+        mixed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+        self.generator = torch.Generator().manual_seed(int(mixed))
 
 
 def balanced_class_weights(labels: np.ndarray, num_labels: list[int]) -> list[torch.Tensor]:

@@ -117,7 +117,10 @@ def test_length_grouped_order_depends_only_on_seed_and_epoch():
     torch.manual_seed(999)
     assert list(b) == first and sorted(first) == list(range(200))
     b.set_epoch(1)
-    assert list(b) != first
+    second = list(b)
+    assert second != first
+    # another seed is another sequence of orders, not the same one shifted by an epoch
+    assert list(EpochSeededLengthGroupedSampler(16, lengths, seed=4)) != second
     # batches hold similar lengths: far less padding than a plain shuffle
     padded = sum(16 * max(lengths[i] for i in first[k : k + 16]) for k in range(0, 200, 16))
     shuffled = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()
