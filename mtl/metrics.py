@@ -5,11 +5,11 @@ from collections.abc import Callable, Sequence
 import datasets
 import evaluate
 import numpy as np
-from scipy.special import log_softmax
+import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from transformers import EvalPrediction
 
-from .modeling import IGNORE_INDEX
+from .modeling import IGNORE_INDEX, task_cross_entropy
 
 _DESCRIPTION = """Accuracy, macro-averaged F1/recall/precision, per-class precision/recall/F1/support and the
 confusion matrix of a single-label multi-class classification."""
@@ -60,8 +60,16 @@ class ClassificationMetrics(evaluate.Metric):
         }
 
 
-def task_reports(tasks: dict[str, list[str]], logits: Sequence[np.ndarray], label_ids: np.ndarray) -> dict[str, dict]:
-    """Full metrics (plus the cross-entropy `loss`) for every task that has at least one label in `label_ids`."""
+def task_reports(
+    tasks: dict[str, list[str]],
+    logits: Sequence[np.ndarray],
+    label_ids: np.ndarray,
+    class_weights: Sequence[torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
+) -> dict[str, dict]:
+    """Full metrics (plus the cross-entropy `loss`) for every task that has at least one label in `label_ids`. With
+    the training run's class weights and label smoothing, `loss` is the task's training objective (what the
+    training logs' `loss_<task>` and the Trainer's `eval_loss` measure); without, the plain cross-entropy."""
     metric = ClassificationMetrics()
     reports = {}
     for index, (task, names) in enumerate(tasks.items()):
@@ -71,7 +79,9 @@ def task_reports(tasks: dict[str, list[str]], logits: Sequence[np.ndarray], labe
         gold = label_ids[labelled, index]
         task_logits = np.asarray(logits[index], dtype=np.float64)[labelled]
         report = metric.compute(predictions=task_logits.argmax(axis=1), references=gold, num_labels=len(names))
-        report["loss"] = float(-log_softmax(task_logits, axis=1)[np.arange(len(gold)), gold].mean())
+        weights = None if class_weights is None else class_weights[index].cpu()
+        loss = task_cross_entropy(torch.from_numpy(task_logits), torch.from_numpy(gold), weights, label_smoothing)
+        report["loss"] = loss.item()
         report["num_examples"] = int(labelled.sum())
         reports[task] = report
     return reports
@@ -90,16 +100,19 @@ def flat_metrics(reports: dict[str, dict]) -> dict[str, float]:
     return flat
 
 
-def build_compute_metrics(tasks: dict[str, list[str]]) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A `compute_metrics` for the Trainer: per-task accuracy, macro-F1, macro-recall and loss, and each metric's
-    mean over the tasks (`mean_macro_recall`, ...: one number to pick the best checkpoint by, with
-    `--metric_for_best_model mean_macro_recall`)."""
+def build_compute_metrics(
+    tasks: dict[str, list[str]], class_weights: Sequence[torch.Tensor] | None = None, label_smoothing: float = 0.0
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """A `compute_metrics` for the Trainer: per-task accuracy, macro-F1, macro-recall and loss (with the training
+    run's class weights and label smoothing, as `eval_loss`), and each metric's mean over the tasks
+    (`mean_macro_recall`, ...: one number to pick the best checkpoint by, with `--metric_for_best_model
+    mean_macro_recall`)."""
 
     def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
         logits = eval_prediction.predictions
         if not isinstance(logits, (tuple, list)):  # a single task comes back unwrapped from some code paths
             logits = (logits,)
-        reports = task_reports(tasks, logits, np.asarray(eval_prediction.label_ids))
+        reports = task_reports(tasks, logits, np.asarray(eval_prediction.label_ids), class_weights, label_smoothing)
         metrics = flat_metrics(reports)
         if reports:
             metrics.update(

@@ -85,7 +85,8 @@ class MultiTaskTrainer(Trainer):
         # Checked against the model's tasks before the Trainer creates the output directory.
         task_weights = resolve_task_weights(args, model.config.task_names)
         freeze_targets(model, getattr(args, "freeze", "none"))
-        if kwargs.get("compute_metrics") is None:
+        own_metrics = kwargs.get("compute_metrics") is None
+        if own_metrics:
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator.for_training_args(kwargs["processing_class"], args)
@@ -99,6 +100,10 @@ class MultiTaskTrainer(Trainer):
         self.task_names = list(model.config.task_names)
         self.task_weights = task_weights
         self.class_weights = self._resolve_class_weights()
+        if own_metrics:  # the per-task evaluation losses measure what training minimises, as eval_loss does
+            self.compute_metrics = build_compute_metrics(
+                model.config.tasks, self.class_weights, self.args.label_smoothing_factor
+            )
         self._apply_freezing()
         # Per task: the summed losses and the number of training batches that had labels for it since the last log.
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
@@ -153,6 +158,11 @@ class MultiTaskTrainer(Trainer):
             )
             shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
             logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
+        elif self.args.train_sampling_strategy == "batch_rebalance" and "input_ids" not in dataset.column_names:
+            # The stock sampler reads token lengths from input_ids, which cached embeddings replaced: lend it those
+            # the rows had, in the column it reads first.
+            lengths = self._row_lengths(dataset)
+            return super()._get_train_sampler(dataset.add_column(self.args.length_column_name, lengths))
         elif not grouped:
             return super()._get_train_sampler(train_dataset)
         elif lengths is None:

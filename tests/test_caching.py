@@ -93,3 +93,11 @@ def test_no_caching_when_the_encoder_trains(tiny_model, make_trainer):
     trainer = make_trainer(tiny_model, freeze="sentiment")
     trainer.train()
     assert EMBEDDINGS_COLUMN not in trainer.train_dataset.column_names
+
+
+def test_batch_rebalance_sampling_works_on_cached_embeddings(tiny_model, make_trainer):
+    heads = {name: p.detach().clone() for name, p in tiny_model.heads.named_parameters()}
+    trainer = make_trainer(tiny_model, freeze="encoder", train_sampling_strategy="batch_rebalance")
+    trainer.train()
+    assert EMBEDDINGS_COLUMN in trainer.train_dataset.column_names and trainer.state.global_step == 2
+    assert any(not torch.equal(p, heads[name]) for name, p in tiny_model.heads.named_parameters())

@@ -133,8 +133,12 @@ def test_seed_defaults():
     assert args.optim == "adamw_torch_fused"  # with no weight decay: Adam
 
 
-def test_evaluation_reports_each_task(tiny_model, make_trainer):
-    trainer = make_trainer(tiny_model)
+@pytest.mark.parametrize(
+    "settings", [{}, {"label_smoothing_factor": 0.2}, {"class_weights": "balanced"}], ids=["plain", "smooth", "cw"]
+)
+def test_evaluation_reports_each_task(tiny_model, make_trainer, settings):
+    # one evaluation batch: eval_loss is then exactly the sum of the tasks' losses over the whole set
+    trainer = make_trainer(tiny_model, per_device_eval_batch_size=16, **settings)
     metrics = trainer.evaluate()
     for task in ("category", "sentiment"):
         for name in (
