@@ -17,6 +17,7 @@ from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.checkpointing import resolve_checkpoint
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import (
+    MissingSplitError,
     MultiTaskDataCollator,
     RandomTruncation,
     drop_unlabelled,
@@ -34,13 +35,19 @@ from mtl.trainer import resolve_task_weights
 logger = logging.getLogger("run_train")
 
 
-def load_split(data_args: DataArguments, tasks: dict, split: str, files: str | list[str] | None) -> Dataset | None:
-    """A split from the local files, or from --dataset_name; an empty --validation_file/--test_file means none."""
-    if not files:
-        return None
-    if data_args.dataset_name:
+def load_split(data_args: DataArguments, tasks: dict, split: str) -> Dataset | None:
+    """A split from --dataset_name or from the local files; an empty --validation_file/--test_file means none."""
+    files = data_args.split_files(split)
+    if not data_args.reads_hub(split):
+        return load_files(files, tasks, data_args.text_column) if files else None
+    try:
         return load_hub(data_args.dataset_name, split, tasks, data_args.text_column, data_args.dataset_config_name)
-    return load_files(files, tasks, data_args.text_column)
+    except MissingSplitError as error:
+        if split == "train":
+            raise ValueError(f"--dataset_name: {error} Name the training split's file with --train_file.") from None
+        logger.warning("--dataset_name: %s No %s data; pass --%s_file FILE to use one.", error, split, split)
+        setattr(data_args, f"{split}_file", None)  # so the model card names only the splits that were used
+        return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,14 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
 
     # 2. Read and check every data file before anything is written.
-    train = load_split(data_args, tasks, "train", data_args.train_file)
+    train = load_split(data_args, tasks, "train")
     if data_args.max_train_samples:  # before the label checks, which must hold for the rows that train
         train = train.select(range(min(data_args.max_train_samples, len(train))))
-    train_source = data_args.dataset_name or ", ".join(data_args.train_file)
+    train_source = data_args.dataset_name if data_args.reads_hub("train") else ", ".join(data_args.train_file)
     train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
-    validation = load_split(data_args, tasks, "validation", data_args.validation_file)
-    test = load_split(data_args, tasks, "test", data_args.test_file)
+    validation = load_split(data_args, tasks, "validation")
+    test = load_split(data_args, tasks, "test")
     if validation is None:
         training_args.disable_evaluation("--validation_file is empty")
     if data_args.max_eval_samples:

@@ -72,24 +72,34 @@ class InferenceArguments:
     allow_pickle: bool = field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
 
 
+# The project's own data (data/); with --dataset_name, a split whose file is left at its default comes from the Hub.
+DEFAULT_DATA_FILES = {"train": "data/train.jsonl", "validation": "data/validation.jsonl", "test": "data/test.jsonl"}
+
+
 @dataclass
 class DataArguments:
     train_file: list[str] = field(
-        default_factory=lambda: ["data/train.jsonl"],
+        default_factory=lambda: [DEFAULT_DATA_FILES["train"]],
         metadata={
             "help": "Training file(s): CSV, TSV, JSON or JSON Lines with a text column and one column per task. "
             "Several files are combined (e.g. a topic-only file and a sentiment-only file)."
         },
     )
     validation_file: str | None = field(
-        default="data/validation.jsonl",
+        default=DEFAULT_DATA_FILES["validation"],
         metadata={"help": "Evaluated during training (--eval_strategy). Empty string: none, and no evaluation."},
     )
     test_file: str | None = field(
-        default="data/test.jsonl", metadata={"help": "Held-out file evaluated after training. Empty string: none."}
+        default=DEFAULT_DATA_FILES["test"],
+        metadata={"help": "Held-out file evaluated after training. Empty string: none."},
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "A `datasets` Hub name to use instead of the local files (needs network)."}
+        default=None,
+        metadata={
+            "help": "A `datasets` Hub name (needs network): its train, validation and test splits replace the local "
+            "files, except a --train_file/--validation_file/--test_file given explicitly (read instead) or empty "
+            "(none). A validation or test split the data set lacks is skipped with a warning."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})
     text_column: str = field(default="text", metadata={"help": "Name of the column holding the text."})
@@ -110,6 +120,15 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N validation/test examples."}
     )
+
+    def split_files(self, split: str) -> list[str]:
+        """The local files of `split` ("train", "validation", "test"): [] for none."""
+        files = getattr(self, f"{split}_file")
+        return [] if not files else [files] if isinstance(files, str) else list(files)
+
+    def reads_hub(self, split: str) -> bool:
+        """Whether `split` comes from --dataset_name: its file was left at the default, not given or emptied."""
+        return bool(self.dataset_name) and self.split_files(split) == [DEFAULT_DATA_FILES[split]]
 
     def __post_init__(self):
         self.validation_file = self.validation_file or None

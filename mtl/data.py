@@ -194,12 +194,19 @@ def load_files(paths: str | Path | list, tasks: dict[str, list[str]], text_colum
     return _to_dataset(columns, tasks, text_column)
 
 
+class MissingSplitError(DataError):
+    """A Hub data set without the split asked for."""
+
+
 def load_hub(
     name: str, split: str, tasks: dict[str, list[str]], text_column: str = "text", config_name: str | None = None
 ) -> datasets.Dataset:
     """A split of a `datasets` Hub data set (needs network), validated like local files. A `ClassLabel` column is
     read by its label names, so its class order need not match the task's."""
-    dataset = datasets.load_dataset(name, config_name, split=split)
+    splits = datasets.load_dataset(name, config_name)
+    if split not in splits:
+        raise MissingSplitError(f"the Hub data set {name!r} has no {split!r} split (it has {sorted(splits)}).")
+    dataset = splits[split]
     class_names = {
         task: feature.names
         for task, feature in dataset.features.items()

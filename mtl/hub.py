@@ -228,11 +228,13 @@ def base_model_id(config: MultiTaskConfig) -> str | None:
 
 def data_sources(data_args: DataArguments) -> dict[str, list[str]]:
     """What each split was read from, as the card names it: the Hub data set, or file names (never local paths)."""
-    train = [data_args.train_file] if isinstance(data_args.train_file, str) else data_args.train_file
-    files = {"train": train, "validation": [data_args.validation_file], "test": [data_args.test_file]}
-    if data_args.dataset_name:  # the splits run_train.py read from it (an empty --validation_file: none)
-        return {split: [data_args.dataset_name] for split, names in files.items() if any(names)}
-    return {split: [Path(name).name for name in names if name] for split, names in files.items() if any(names)}
+    sources = {}
+    for split in ("train", "validation", "test"):
+        if data_args.reads_hub(split):
+            sources[split] = [data_args.dataset_name]
+        elif data_args.split_files(split):
+            sources[split] = [Path(name).name for name in data_args.split_files(split)]
+    return sources
 
 
 def split_sources(dataset: DataSources | None) -> dict[str, list[str]]:

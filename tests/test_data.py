@@ -6,6 +6,7 @@ import pytest
 from mtl import DEFAULT_TASKS, DataError, load_files, tokenize
 from mtl.data import (
     IGNORE_INDEX,
+    MissingSplitError,
     MultiTaskDataCollator,
     RandomTruncation,
     drop_unlabelled,
@@ -205,9 +206,11 @@ def test_hub_class_labels_are_read_by_name_not_position(monkeypatch):
     hub = datasets.Dataset.from_dict(
         {"text": ["a vote", "a chip", "a goal", "?"], "category": [0, 1, 2, -1]}, features
     )
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: hub)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config: datasets.DatasetDict(train=hub))
     dataset = load_hub("user/news", "train", {"category": ["Tech", "Sports", "Politics"]})
     assert label_matrix(dataset)[:, 0].tolist() == [2, 0, 1, IGNORE_INDEX]
+    with pytest.raises(MissingSplitError, match=r"'user/news' has no 'validation' split \(it has \['train'\]\)"):
+        load_hub("user/news", "validation", {"category": ["Tech", "Sports", "Politics"]})
 
 
 def test_training_rows_without_any_label_are_one_clear_error(tmp_path):

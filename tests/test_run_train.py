@@ -244,3 +244,34 @@ def test_an_empty_validation_file_turns_evaluation_off(tmp_path, tiny_encoder_di
     flags = ["--validation_file", "", "--load_best_model_at_end"]
     assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, tmp_path / "best", *flags)) == 1
     assert "--load_best_model_at_end needs a validation set, but --validation_file is empty" in capsys.readouterr().err
+
+
+def test_a_hub_data_set_gives_the_splits_it_has_and_explicit_files_win(
+    tmp_path, tiny_encoder_dir, data_dir, monkeypatch, capsys
+):
+    import datasets
+
+    from tests.conftest import make_rows
+
+    hub = {"train": datasets.Dataset.from_list(make_rows(24)), "test": datasets.Dataset.from_list(make_rows(12))}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config: datasets.DatasetDict(hub))
+    # fmt: off
+    flags = [
+        "--model_name_or_path", str(tiny_encoder_dir), "--dataset_name", "user/news", "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "8", "--use_cpu", "--disable_tqdm", "true", "--max_seq_length", "32",
+    ]
+    # fmt: on
+    metrics = run_train.main([*flags, "--output_dir", str(tmp_path / "hub")])
+    assert set(metrics) == {"train", "test"} and "test_category_accuracy" in metrics["test"]
+    assert "has no 'validation' split (it has ['test', 'train'])" in capsys.readouterr().err  # skipped, no crash
+    assert json.loads((tmp_path / "hub" / "trainer_state.json").read_text())["global_step"] == 3  # 24 rows / 8
+
+    local = ["--validation_file", str(data_dir / "validation.jsonl"), "--output_dir", str(tmp_path / "local")]
+    metrics = run_train.main([*flags, *local])  # a file given explicitly is read next to the Hub's splits
+    assert set(metrics) == {"train", "eval", "test"}
+
+    del hub["train"]
+    assert run(run_train.main, [*flags, "--output_dir", str(tmp_path / "none")]) == 1
+    assert "has no 'train' split (it has ['test']). Name the training split's file with --train_file" in (
+        capsys.readouterr().err
+    )
