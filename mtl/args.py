@@ -193,8 +193,9 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default="proportional",
         metadata={
             "help": "How batches mix tasks: 'proportional' (plain shuffle: a task appears as often as it has "
-            "labelled rows), 'temperature' (task t drawn with probability ~ n_t^(1/T): lifts small tasks), "
-            "'round_robin' or 'equal' (every task equally often)."
+            "labelled rows), 'temperature' (task t gets a share ~ n_t^(1/T) of each epoch's draws: lifts small "
+            "tasks), 'round_robin' or 'equal' (every task equally often). A row labelled for several tasks counts "
+            "for the one with the fewest rows."
         },
     )
     mixing_temperature: float = field(

@@ -1,12 +1,14 @@
 """How training batches mix tasks when the tasks' data sets differ in size.
 
 - `proportional`: a plain shuffle; each task appears as often as it has labelled rows (a small task starves).
-- `temperature`: draw task t with probability proportional to n_t ** (1 / T), then one of its rows; T=1 is
-  proportional, larger T flattens towards equal.
+- `temperature`: task t gets a share of each epoch's draws proportional to n_t ** (1 / T), each draw one of its
+  rows; T=1 is proportional, larger T flattens towards equal.
 - `round_robin` (alias `equal`): every task equally often.
 
 Within a task, rows are drawn without replacement from a reshuffled pool (a small task's rows repeat only after all
-were seen). The sampler yields as many rows per epoch as the data set has, so an epoch costs the same whatever the
+were seen). A row labelled for several tasks trains all of them whenever it is drawn, so it sits in one pool only, that
+of its task with the fewest labelled rows, and n_t counts the rows of t's pool: otherwise such rows would come up
+through several pools and repeat while others wait (data labelled for every task is then one pool, a plain shuffle). The sampler yields as many rows per epoch as the data set has, so an epoch costs the same whatever the
 mix, and it is seeded by (seed, epoch): every process of a distributed run draws the same sequence, which accelerate
 then splits into per-process batches.
 """
@@ -40,6 +42,16 @@ def task_probabilities(counts: list[int], strategy: str, temperature: float = 2.
     return weights / weights.sum()
 
 
+def disjoint_pools(labels: np.ndarray) -> list[np.ndarray]:
+    """Per task, the rows it draws from: each labelled row in the pool of its task with the fewest labelled rows."""
+    labelled = labels != IGNORE_INDEX
+    # Tasks from the smallest up: a row goes to the first of its tasks in that order.
+    rank = np.argsort(np.argsort(labelled.sum(axis=0), kind="stable"), kind="stable")
+    owner = np.where(labelled, rank, labels.shape[1]).argmin(axis=1)
+    owned = labelled.any(axis=1)
+    return [np.flatnonzero(owned & (owner == task)) for task in range(labels.shape[1])]
+
+
 class TaskMixingSampler(Sampler[int]):
     """Yield row indices so that tasks are drawn with `task_probabilities(...)`; see the module docstring."""
 
@@ -53,8 +65,7 @@ class TaskMixingSampler(Sampler[int]):
         lengths: list[int] | None = None,
         batch_size: int = 32,
     ):
-        labels = np.asarray(labels)
-        self.pools = [np.flatnonzero(labels[:, task] != IGNORE_INDEX) for task in range(labels.shape[1])]
+        self.pools = disjoint_pools(np.asarray(labels))
         self.probabilities = task_probabilities([len(pool) for pool in self.pools], strategy, temperature)
         self.num_samples = num_samples or len(labels)
         self.seed = seed
@@ -68,9 +79,18 @@ class TaskMixingSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def task_draws(self) -> np.ndarray:
+        """How many of an epoch's draws each task gets: its share of them, rounded so that they add up. Fixed
+        counts, not a draw per row, so that every epoch has the configured mix exactly (and T=1 is a shuffle)."""
+        exact = self.probabilities * self.num_samples
+        draws = np.floor(exact).astype(np.int64)
+        largest_remainders = np.argsort(draws - exact, kind="stable")[: self.num_samples - draws.sum()]
+        draws[largest_remainders] += 1
+        return draws
+
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        tasks = rng.choice(len(self.pools), size=self.num_samples, p=self.probabilities)
+        tasks = rng.permutation(np.repeat(np.arange(len(self.pools)), self.task_draws()))
         cursors = [0] * len(self.pools)
         orders = [rng.permutation(pool) for pool in self.pools]
         drawn = np.empty(self.num_samples, dtype=np.int64)

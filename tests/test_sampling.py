@@ -47,6 +47,7 @@ def test_observed_task_frequencies_match_the_mix(strategy, expected):
         shares.append(topic_share(sampler))
     assert len(sampler) == N_TOPIC + N_SENTIMENT  # same budget per epoch whatever the mix
     assert np.mean(shares) == pytest.approx(expected, abs=0.01)
+    assert max(shares) - min(shares) <= 0.001  # every epoch has the mix, not only the average over epochs
 
 
 def test_small_task_rows_repeat_only_after_all_were_seen():
@@ -56,6 +57,17 @@ def test_small_task_rows_repeat_only_after_all_were_seen():
     assert sorted(first_pass) == list(range(N_TOPIC))
     counts = np.bincount(drawn, minlength=N_TOPIC)
     assert counts.max() - counts.min() <= 1
+
+
+def test_rows_labelled_for_several_tasks_sit_in_one_pool():
+    labels = partial_labels()
+    labels[N_TOPIC : N_TOPIC + 50, 0] = 1  # 50 sentiment rows also labelled for the topic: 150 topic rows in all
+    sampler = TaskMixingSampler(labels, "temperature", temperature=1.0, seed=0)
+    assert [len(pool) for pool in sampler.pools] == [N_TOPIC + 50, N_SENTIMENT - 50]  # with the smaller task
+    assert sorted(sampler) == list(range(N_TOPIC + N_SENTIMENT))  # T=1: every row once per epoch
+    both = np.full((300, 2), 1)
+    for strategy in ("temperature", "round_robin"):  # every row labels every task: a plain shuffle
+        assert sorted(TaskMixingSampler(both, strategy, seed=0)) == list(range(300))
 
 
 def test_seeded_by_seed_and_epoch():
