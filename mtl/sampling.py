@@ -8,9 +8,11 @@
 Within a task, rows are drawn without replacement from a reshuffled pool (a small task's rows repeat only after all
 were seen). A row labelled for several tasks trains all of them whenever it is drawn, so it sits in one pool only, that
 of its task with the fewest labelled rows, and n_t counts the rows of t's pool: otherwise such rows would come up
-through several pools and repeat while others wait (data labelled for every task is then one pool, a plain shuffle). The sampler yields as many rows per epoch as the data set has, so an epoch costs the same whatever the
-mix, and it is seeded by (seed, epoch): every process of a distributed run draws the same sequence, which accelerate
-then splits into per-process batches.
+through several pools and repeat while others wait (data labelled for every task is then one pool, a plain shuffle).
+
+The sampler yields as many rows per epoch as the data set has, so an epoch costs the same whatever the mix, and it is
+seeded by (seed, epoch): every process of a distributed run draws the same sequence, which accelerate then splits into
+per-process batches.
 """
 
 import logging
