@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
-from mtl.checkpointing import resolve_checkpoint
+from mtl.checkpointing import check_output_dir, resolve_checkpoint
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.data import (
     MissingSplitError,
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     frozen = check_freeze(training_args.freeze, list(tasks))
     resolve_task_weights(training_args, list(tasks))
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)  # before reading any data
     limit = getattr(config, "max_position_embeddings", None)
     if limit and data_args.max_seq_length > limit:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")

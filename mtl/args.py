@@ -12,7 +12,6 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from .checkpointing import checkpoint_folders
 from .configuration import DEFAULT_TASKS, validate_tasks
 from .freezing import parse_freeze
 from .sampling import MIXING_STRATEGIES
@@ -285,7 +284,6 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
         if self.head_learning_rate is not None and not self.head_learning_rate > 0:
             raise ValueError(f"--head_learning_rate must be a positive number, got {self.head_learning_rate}.")
-        self._check_output_dir()
         if self.hub_model_id:
             try:  # also refuses '..' and other path tricks
                 validate_repo_id(self.hub_model_id)
@@ -352,22 +350,3 @@ class MultiTaskTrainingArguments(TrainingArguments):
         logger.info("No evaluation during training: %s.", reason)
         self.eval_strategy = IntervalStrategy.NO
         self.do_eval = False
-
-    def _check_output_dir(self) -> None:
-        """Refuse to overwrite a trained model or an earlier run's checkpoints by accident (resuming into the same
-        directory is fine; with --overwrite_output_dir the trainer deletes the old checkpoints)."""
-        if self.overwrite_output_dir or self.resume_from_checkpoint:
-            return
-        directory = Path(self.output_dir)
-        if any((directory / name).exists() for name in ("config.json", "model.safetensors")):
-            raise ValueError(
-                f"--output_dir {directory} already holds a trained model; pass --overwrite_output_dir to replace "
-                "it, --resume_from_checkpoint to continue, or choose another --output_dir."
-            )
-        checkpoints = [path.name for path in checkpoint_folders(directory)]
-        if checkpoints:
-            raise ValueError(
-                f"--output_dir {directory} holds an earlier run's checkpoints ({', '.join(checkpoints)}); pass "
-                "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to start again "
-                "(the checkpoints are deleted), or choose another --output_dir."
-            )

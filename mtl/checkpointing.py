@@ -52,6 +52,26 @@ def remove_checkpoints(output_dir: str | Path) -> None:
         shutil.rmtree(checkpoint)
 
 
+def check_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool) -> None:
+    """Refuse to overwrite a trained model or to start a run among an earlier run's checkpoints by accident
+    (resuming into the same directory is fine; with `overwrite`, the trainer deletes the old checkpoints)."""
+    if overwrite or resume:
+        return
+    directory = Path(output_dir)
+    if any((directory / name).exists() for name in ("config.json", "model.safetensors")):
+        raise ValueError(
+            f"--output_dir {directory} already holds a trained model; pass --overwrite_output_dir to replace "
+            "it, --resume_from_checkpoint to continue, or choose another --output_dir."
+        )
+    checkpoints = [path.name for path in checkpoint_folders(directory)]
+    if checkpoints:
+        raise ValueError(
+            f"--output_dir {directory} holds an earlier run's checkpoints ({', '.join(checkpoints)}); pass "
+            "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to start again "
+            "(the checkpoints are deleted), or choose another --output_dir."
+        )
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step in `output_dir`."""
     checkpoints = complete_checkpoints(output_dir)

@@ -19,6 +19,7 @@ from .checkpointing import (
     GracefulStop,
     TrainingInterrupted,
     check_checkpoint_tasks,
+    check_output_dir,
     complete_checkpoints,
     remove_checkpoints,
     resolve_checkpoint,
@@ -210,9 +211,11 @@ class MultiTaskTrainer(Trainer):
             )
         self._cache_frozen_embeddings()
         resume = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        overwrite = getattr(self.args, "overwrite_output_dir", False)
+        check_output_dir(self.args.output_dir, resume, overwrite)
         if resume is not None:
             check_checkpoint_tasks(resume, self.model.config.tasks)
-        elif getattr(self.args, "overwrite_output_dir", False) and self.args.should_save:
+        elif overwrite and self.args.should_save:
             remove_checkpoints(self.args.output_dir)
         stopper = GracefulStop()
         self.add_callback(stopper)

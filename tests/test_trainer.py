@@ -264,3 +264,12 @@ def test_default_collator_pads_to_a_multiple_of_8_in_mixed_precision(tiny_model,
     rows = [{"text": " ".join(["phone"] * 9), "category": "Tech", "sentiment": "Positive"}] * 4  # 11 tokens
     trainer = make_trainer(tiny_model, rows, bf16=bf16)
     assert {batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()} == {width}
+
+
+def test_the_trainer_resumes_the_hf_way_and_refuses_to_mix_runs(tiny_model, make_trainer, tmp_path):
+    make_trainer(tiny_model, save_strategy="epoch", num_train_epochs=1).train()  # leaves out/checkpoint-2
+    trainer = make_trainer(tiny_model, save_strategy="epoch", num_train_epochs=2)  # arguments alone are no error
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(checkpoint-2\)"):
+        trainer.train()
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 4
