@@ -55,9 +55,11 @@ def remove_checkpoints(output_dir: str | Path) -> None:
 def check_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool) -> None:
     """Refuse to overwrite a trained model or to start a run among an earlier run's checkpoints by accident
     (resuming into the same directory is fine; with `overwrite`, the trainer deletes the old checkpoints)."""
+    directory = Path(output_dir)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--output_dir {directory} is a file, not a folder; choose another --output_dir.")
     if overwrite or resume:
         return
-    directory = Path(output_dir)
     if any((directory / name).exists() for name in ("config.json", "model.safetensors")):
         raise ValueError(
             f"--output_dir {directory} already holds a trained model; pass --overwrite_output_dir to replace "

@@ -1,6 +1,7 @@
 """What the entry points share: argument parsing (flags or one JSON/YAML file), logging set-up, and turning our
 errors into one clear line and a non-zero exit."""
 
+import json
 import logging
 import os
 import sys
@@ -22,20 +23,44 @@ DEBUG_ENV = "MTL_DEBUG"
 
 
 def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
-    """Parse command-line flags, or a single JSON/YAML file holding all of them."""
+    """Parse command-line flags, or a single JSON/YAML file holding all of them (as {flag name: value})."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist.")
-        try:
-            if path.suffix.lower() == ".json":
-                return parser.parse_json_file(path)
-            return parser.parse_yaml_file(path)
-        except yaml.YAMLError as error:  # JSON's decode error is already a ValueError
-            problem = " ".join(str(error).split())
-            raise ValueError(f"config file {path} is not valid YAML: {problem}") from None
+        argv = config_file_flags(Path(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def config_file_flags(path: Path) -> list[str]:
+    """The flags a JSON/YAML config file stands for. Parsed as flags, its values are typed and checked exactly as
+    on the command line (a wrong type or an unknown name is an error before any work starts)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        settings = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        problem = " ".join(str(error).split())
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {problem}") from None
+    if not isinstance(settings, dict) or not settings:
+        raise ValueError(
+            f"config file {path} must map option names to values (e.g. num_train_epochs: 3), got "
+            f"{type(settings).__name__ if settings else 'nothing'}."
+        )
+    flags = []
+    for name, value in settings.items():
+        if value is None:  # as if left out: the option's default
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(_flag_value(item) for item in values)]
+    return flags
+
+
+def _flag_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):  # e.g. tasks written as a mapping: the JSON that --tasks takes
+        return json.dumps(value)
+    return str(value)
 
 
 def setup_logging(level: int = logging.INFO, library_level: int = logging.WARNING) -> None:
@@ -57,10 +82,11 @@ def first_line(error: BaseException) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Call `main`; a bad input (ValueError, FileNotFoundError) becomes one 'error:' line on stderr and exit 1."""
+    """Call `main`; a bad input (ValueError, or an OSError such as a missing file, a path that is a file, no
+    permission, no network) becomes one 'error:' line on stderr and exit 1."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         if os.environ.get(DEBUG_ENV):
             raise
         sys.stderr.write(f"error: {first_line(error)}\n")

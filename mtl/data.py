@@ -203,7 +203,12 @@ def load_hub(
 ) -> datasets.Dataset:
     """A split of a `datasets` Hub data set (needs network), validated like local files. A `ClassLabel` column is
     read by its label names, so its class order need not match the task's."""
-    splits = datasets.load_dataset(name, config_name)
+    try:
+        splits = datasets.load_dataset(name, config_name)
+    except ConnectionError as error:  # offline, or the Hub is unreachable
+        raise DataError(
+            f"--dataset_name {name!r}: cannot reach the Hub; check the network or use local files instead: {error}"
+        ) from None
     if split not in splits:
         raise MissingSplitError(f"the Hub data set {name!r} has no {split!r} split (it has {sorted(splits)}).")
     dataset = splits[split]

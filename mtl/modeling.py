@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
@@ -339,21 +341,41 @@ def register_auto_classes() -> None:
     MultiTaskModel.register_for_auto_class("AutoModel")
 
 
+def _check_source(name_or_path: str | os.PathLike) -> None:
+    """A name that is no local directory and cannot be a Hub id either (an absolute path, ./x, a/b/c) is a missing
+    directory: say so, instead of the Hub's error about repository names (after its network retries)."""
+    name = str(name_or_path)
+    if os.path.exists(name):
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(f"{name}: no such model directory (train one with run_train.py first?).") from None
+
+
+def _load_error(what: str, name_or_path: str | os.PathLike, error: Exception) -> FileNotFoundError:
+    name = str(name_or_path)
+    where = "" if os.path.exists(name) else " (no such local directory, and not found on the Hub)"
+    return FileNotFoundError(f"Cannot read {what} from {name!r}{where}: {error}")
+
+
 def load_config(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedConfig:
     """The config of a directory or Hub id (a `MultiTaskConfig` for a saved mtl model, the encoder's otherwise),
     with a clear error when there is none."""
+    _check_source(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"Cannot read a model config from {str(name_or_path)!r}: {error}") from None
+        raise _load_error("a model config", name_or_path, error) from None
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model or encoder (a directory or Hub id), with a clear error when there is none."""
+    _check_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"Cannot load a tokenizer from {str(name_or_path)!r}: {error}") from None
+        raise _load_error("a tokenizer", name_or_path, error) from None
     # Without vocabulary files transformers still builds a tokenizer from the config, holding only its special
     # tokens: every word would become [UNK] and the model would train on nothing, silently.
     if len(tokenizer) <= len(tokenizer.all_special_ids):

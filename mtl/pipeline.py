@@ -25,6 +25,19 @@ def check_texts(texts: Iterable) -> list[str]:
     return texts
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, checked (a typo or a GPU this machine lacks is a clear error); by default cuda when present."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(
+            f"device (--device) {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:1'."
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device (--device) {device!r}: torch finds no CUDA GPU here; use --device cpu.")
+    return resolved
+
+
 class MultiTaskPipeline:
     """Label texts with every task of a `MultiTaskModel`.
 
@@ -49,7 +62,7 @@ class MultiTaskPipeline:
             raise ValueError(f"batch_size (--batch_size) must be at least 1 text, got {batch_size}.")
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must leave room for a token between [CLS] and [SEP], got {max_length}.")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size

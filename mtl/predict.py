@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="A directory written by run_train.py, or a Hub model id.")
     parser.add_argument("texts", nargs="*", help="Texts to label (or use --input).")
-    args, positional = parser.parse_args_into_dataclasses(args=argv)
+    args, positional, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    # argparse fills `texts` only from the words right after MODEL: texts given after a flag come back unparsed.
+    unknown = [word for word in rest if word.startswith("--")]
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; see python -m mtl.predict --help.")
+    positional.texts += rest
     setup_logging(logging.WARNING)
     if bool(positional.texts) == bool(args.input):
         raise ValueError("give either texts on the command line or --input FILE (one of them, not both).")

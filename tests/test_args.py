@@ -65,8 +65,23 @@ def test_a_config_file_gives_the_same_arguments_as_flags(tmp_path, suffix):
     assert from_flags[2]["task_weights"] == [1.0, 0.5]
 
 
+def test_a_config_file_may_write_tasks_as_a_mapping_and_leave_options_at_their_defaults(tmp_path):
+    path = tmp_path / "config.yaml"
+    tasks = {"topic": ["World", "Sports"], "spam": ["no", "yes"]}
+    path.write_text(yaml.safe_dump({"tasks": tasks, "seed": None, "use_cpu": True}, sort_keys=False))
+    model_args, _, training_args = parse_arguments(parser(), [str(path)])
+    assert model_args.parsed_tasks() == tasks
+    assert training_args.seed == 42 and training_args.use_cpu is True
+
+
 @pytest.mark.parametrize(
-    ("suffix", "content", "message"), [(".yaml", "seed: [1\n", "is not valid YAML"), (".json", "{", "Expecting")]
+    ("suffix", "content", "message"),
+    [
+        (".yaml", "seed: [1\n", r"config\.yaml is not valid YAML"),
+        (".json", "{", r"config\.json is not valid JSON: Expecting"),
+        (".yaml", "", "must map option names to values .*got nothing"),
+        (".yaml", "- seed\n", "must map option names to values .*got list"),
+    ],
 )
 def test_a_broken_config_file_is_a_value_error(tmp_path, suffix, content, message):
     path = tmp_path / f"config{suffix}"
@@ -131,3 +146,15 @@ def test_tasks_from_json_text_and_files(tmp_path):
         ModelArguments(tasks="missing.yaml").parsed_tasks()
     with pytest.raises(ValueError, match="at least 2"):
         ModelArguments(tasks='{"topic": ["one"]}').parsed_tasks()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [("num_train_epochs: abc\n", "invalid float value: 'abc'"), ("colour: blue\n", "colour")]
+)
+def test_a_config_file_value_is_checked_like_a_flag(tmp_path, capsys, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises((SystemExit, ValueError)) as raised:
+        parse_arguments(parser(), [str(path)])
+    shown = str(raised.value) + capsys.readouterr().err
+    assert message in shown  # before any data or model is read, not deep inside training

@@ -90,6 +90,11 @@ def test_cli_texts_and_files(tmp_path, saved_model, capsys):
     assert main([str(saved_model), "the phone", "the vote"]) == 2
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == ["the phone", "the vote"]
+    assert main([str(saved_model), "the phone", "--batch_size", "2", "the vote", "--max_length", "8", "a law"]) == 3
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["the phone", "the vote", "a law"]  # texts after flags too
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['--colour'\]"):
+        main([str(saved_model), "the phone", "--colour", "blue"])
 
     inputs = {
         "in.txt": "the phone\n\nthe vote\n",

@@ -267,3 +267,49 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_encoder_d
     assert state["global_step"] == 400
     final = weights(output)
     assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+# ---- one clear line for the mistakes users make ----
+
+
+def test_a_missing_model_directory_is_named_without_asking_the_hub(tmp_path):
+    for name in (tmp_path / "nope", "./outputs/none", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such model directory"):
+            load_multitask_model(name)
+
+
+def test_a_device_that_is_not_there_is_one_error(tmp_path, tiny_model, tiny_tokenizer):
+    from mtl.pipeline import MultiTaskPipeline
+
+    with pytest.raises(ValueError, match=r"device \(--device\) 'gpu0' is not a torch device"):
+        MultiTaskPipeline(tiny_model, tiny_tokenizer, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch finds no CUDA GPU here"):
+            MultiTaskPipeline(tiny_model, tiny_tokenizer, device="cuda")
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    (tmp_path / "afile").write_text("")
+    assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, tmp_path / "afile")) == 1
+    assert "error: --output_dir" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+
+
+def test_os_errors_are_one_line_and_exit_1(capsys):
+    def main(argv):
+        raise PermissionError(13, "Permission denied", "/app/outputs/model.safetensors")
+
+    assert run(main, []) == 1
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/app/outputs/model.safetensors'\n"
+
+
+def test_an_unreachable_hub_data_set_is_one_error(monkeypatch):
+    import datasets
+
+    from mtl.data import load_hub
+
+    def offline(name, config):
+        raise ConnectionError("Couldn't reach 'user/x' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="--dataset_name 'user/x': cannot reach the Hub"):
+        load_hub("user/x", "train", DEFAULT_TASKS)
