@@ -155,7 +155,10 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train even if --output_dir already holds a trained model (it is replaced)."},
+        metadata={
+            "help": "Train even if --output_dir already holds a trained model: it is replaced, and the earlier run's "
+            "checkpoints, results and model card are deleted."
+        },
     )
     freeze: str = field(
         default="none",

@@ -44,12 +44,26 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def remove_checkpoints(output_dir: str | Path) -> None:
-    """Delete the checkpoints an earlier run left in `output_dir` (--overwrite_output_dir): resuming, checkpoint
-    rotation and --average_checkpoints go by step number, so they would mix the earlier run's weights into this one."""
+# What a run writes next to its model besides checkpoints; a later run need not write them all (no test set, no
+# evaluation), so an overwritten folder must not keep the earlier run's (they would be pushed with the new model).
+RUN_RESULT_FILES = (
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "test_results.json",
+    "trainer_state.json",
+    "README.md",
+)
+
+
+def remove_earlier_run(output_dir: str | Path) -> None:
+    """Delete what an earlier run left in `output_dir` (--overwrite_output_dir): its checkpoints, which resuming,
+    checkpoint rotation and --average_checkpoints would mix into this run by step number, and its results."""
     for checkpoint in checkpoint_folders(output_dir):
         logger.warning("--overwrite_output_dir: deleting %s, left by an earlier run.", checkpoint)
         shutil.rmtree(checkpoint)
+    for name in RUN_RESULT_FILES:
+        Path(output_dir, name).unlink(missing_ok=True)
 
 
 def check_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool) -> None:

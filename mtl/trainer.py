@@ -21,7 +21,7 @@ from .checkpointing import (
     check_checkpoint_tasks,
     check_output_dir,
     complete_checkpoints,
-    remove_checkpoints,
+    remove_earlier_run,
     resolve_checkpoint,
 )
 from .data import MultiTaskDataCollator, label_matrix
@@ -216,7 +216,7 @@ class MultiTaskTrainer(Trainer):
         if resume is not None:
             check_checkpoint_tasks(resume, self.model.config.tasks)
         elif overwrite and self.args.should_save:
-            remove_checkpoints(self.args.output_dir)
+            remove_earlier_run(self.args.output_dir)
         stopper = GracefulStop()
         self.add_callback(stopper)
         try:

@@ -138,9 +138,12 @@ def test_refuses_to_overwrite_a_trained_model(tmp_path, tiny_encoder_dir, data_d
     assert run(run_train.main, train_flags(tiny_encoder_dir, data_dir, output)) == 1
     assert "already holds a trained model" in capsys.readouterr().err
     assert (output / "model.safetensors").read_bytes() == before
-    run_train.main(
-        train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1", "--overwrite_output_dir")
-    )
+    # Overwritten without a test set: the earlier run's test results must not stay next to the new model.
+    assert (output / "test_results.json").is_file()
+    flags = ["--num_train_epochs", "1", "--overwrite_output_dir", "--test_file", ""]
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, *flags))
+    assert not (output / "test_results.json").exists()
+    assert not any(key.startswith("test_") for key in json.loads((output / "all_results.json").read_text()))
 
 
 def test_an_earlier_runs_checkpoints_are_never_mixed_into_a_new_run(tmp_path, tiny_encoder_dir, data_dir, capsys):
