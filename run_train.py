@@ -30,7 +30,7 @@ from mtl.freezing import check_freeze
 from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
 from mtl.modeling import load_config, load_multitask_model, load_tokenizer, resolve_encoder_name
-from mtl.trainer import resolve_task_weights
+from mtl.trainer import check_metric_for_best_model, resolve_task_weights
 
 logger = logging.getLogger("run_train")
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = config.tasks if continuing else model_args.parsed_tasks() or MultiTaskConfig().tasks
     frozen = check_freeze(training_args.freeze, list(tasks))
     resolve_task_weights(training_args, list(tasks))
+    check_metric_for_best_model(training_args, list(tasks))
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)  # before reading any data
     limit = getattr(config, "max_position_embeddings", None)

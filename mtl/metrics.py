@@ -90,6 +90,12 @@ def task_reports(
 SCALAR_METRICS = ("accuracy", "macro_f1", "macro_recall")
 
 
+def metric_names(task_names: Sequence[str]) -> list[str]:
+    """Every metric an evaluation logs (without its `eval_` prefix): what --metric_for_best_model may name."""
+    per_task = [f"{task}_{name}" for task in task_names for name in SCALAR_METRICS]
+    return ["loss", *(f"loss_{task}" for task in task_names), *per_task, *(f"mean_{n}" for n in SCALAR_METRICS)]
+
+
 def flat_metrics(reports: dict[str, dict]) -> dict[str, float]:
     """`{task}_{metric}` scalars and `loss_{task}` (as the training logs name it): what the Trainer logs and
     `eval_results.json` stores."""

@@ -27,7 +27,7 @@ from .checkpointing import (
 from .data import MultiTaskDataCollator, label_matrix
 from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, freeze_targets, parse_freeze
 from .hub import write_model_card
-from .metrics import build_compute_metrics
+from .metrics import build_compute_metrics, metric_names
 from .modeling import IGNORE_INDEX, MultiTaskOutput, labels_to_tensor, multitask_loss
 from .sampling import EpochSeededLengthGroupedSampler, TaskMixingSampler, balanced_class_weights
 
@@ -45,6 +45,17 @@ def resolve_task_weights(args: TrainingArguments, task_names: list[str]) -> list
             f"{task_names}: give one weight per task, in that order."
         )
     return list(weights)
+
+
+def check_metric_for_best_model(args: TrainingArguments, task_names: list[str]) -> None:
+    """--metric_for_best_model must be a metric evaluation logs: the Trainer would only find out at the first
+    evaluation, an epoch into training."""
+    name = args.metric_for_best_model
+    if name is None or not args.load_best_model_at_end:
+        return
+    allowed = metric_names(task_names)
+    if name.removeprefix("eval_") not in allowed:
+        raise ValueError(f"--metric_for_best_model {name!r} is not a metric evaluation logs; choose one of {allowed}.")
 
 
 def layerwise_lr_scales(model: nn.Module, decay: float, head_scale: float = 1.0) -> dict[str, float]:
@@ -88,6 +99,7 @@ class MultiTaskTrainer(Trainer):
         freeze_targets(model, getattr(args, "freeze", "none"))
         own_metrics = kwargs.get("compute_metrics") is None
         if own_metrics:
+            check_metric_for_best_model(args, model.config.task_names)
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator.for_training_args(kwargs["processing_class"], args)

@@ -161,6 +161,10 @@ def flags(encoder, data_dir, output, *extra):
         (["--task_weights", "1", "-2"], "--task_weights must be non-negative"),
         (["--max_seq_length", "512"], "exceeds the encoder's limit of 64"),
         (["--resume_from_checkpoint", "/nowhere/checkpoint-3"], "no such checkpoint folder"),
+        (
+            ["--load_best_model_at_end", "--save_strategy", "epoch", "--metric_for_best_model", "macro_recall"],
+            "--metric_for_best_model 'macro_recall' is not a metric evaluation logs; choose one of ['loss', ",
+        ),
     ],
 )
 def test_bad_arguments(tmp_path, tiny_encoder_dir, data_dir, capsys, extra, message):
