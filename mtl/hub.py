@@ -137,7 +137,8 @@ def write_model_card(
 ) -> Path:
     """Write `trainer`'s model card to `README.md` in its output directory, with its latest evaluation results."""
     args, config = trainer.args, trainer.model.config
-    repo_id = trainer.hub_model_id or args.hub_model_id or model_name or Path(args.output_dir).absolute().name
+    # Without a Hub id, the card's code loads the model from where it was written.
+    repo_id = trainer.hub_model_id or args.hub_model_id or model_name or str(args.output_dir)
     card = build_model_card(
         config,
         args,
@@ -176,7 +177,7 @@ def build_model_card(
     each split to the data it was read from; `averaged` names the checkpoints whose mean the weights are, if any.
     """
     sources = dict(sources or {})
-    model_name = repo_id.split("/")[-1]
+    model_name = repo_id.rstrip("/").split("/")[-1]
     eval_results = _eval_results(config, metrics, sources)
     data = ModelCardData(
         base_model=base_model,
@@ -395,7 +396,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 repo = "{repo_id}"
-tokenizer = AutoTokenizer.from_pretrained(repo)
+tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)  # the config it reads is this code's
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
 
 texts = ["Replace this with your own sentence.", "And this with another one."]

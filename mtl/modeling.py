@@ -376,6 +376,8 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise _load_error("a tokenizer", name_or_path, error) from None
+    for key in ("is_local", "local_files_only"):  # how this copy was loaded (offline?), not a tokenizer setting:
+        tokenizer.init_kwargs.pop(key, None)  # saved, they would travel with the model to the Hub
     # Without vocabulary files transformers still builds a tokenizer from the config, holding only its special
     # tokens: every word would become [UNK] and the model would train on nothing, silently.
     if len(tokenizer) <= len(tokenizer.all_special_ids):

@@ -1,6 +1,7 @@
 """End to end: run_train.main and run_eval.main on a tiny model, and the CLIs' handling of bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
+def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir, capsys):
     output = tmp_path / "model"
     metrics = run_train.main(train_flags(tiny_encoder_dir, data_dir, output))
     for name in (
@@ -42,6 +43,12 @@ def test_train_then_evaluate(tmp_path, tiny_encoder_dir, data_dir):
     assert any("loss_category" in entry and "loss_sentiment" in entry for entry in state["log_history"])
     assert sum("eval_category_accuracy" in entry for entry in state["log_history"]) == 2  # one per epoch
 
+    # the local model card's code loads this model from where it was written, and its tokenizer config does not
+    # record how this run loaded it
+    snippets = re.findall(r"```python\n(.*?)```", (output / "README.md").read_text(), re.DOTALL)
+    exec(snippets[-1], {})
+    assert "'category_score'" in capsys.readouterr().out
+    assert not {"local_files_only", "is_local"} & set(json.loads((output / "tokenizer_config.json").read_text()))
     # the model is saved with the length it trained at, so that prediction truncates there too
     assert json.loads((output / "tokenizer_config.json").read_text())["model_max_length"] == 32
     assert MultiTaskPipeline.from_pretrained(output).max_length == 32
