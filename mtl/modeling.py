@@ -198,8 +198,12 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         config = MultiTaskConfig(
             encoder=encoder_config, tasks=tasks, pooling=pooling, classifier_dropout=classifier_dropout
         )
-        # Name the source by its Hub id, not by where the packaged copy happens to be installed (configs get shared).
-        source = DEFAULT_ENCODER_HUB_ID if path == default_encoder_path() else str(encoder_name_or_path)
+        # Name the source by its Hub id, not by where the packaged copy happens to be installed, and never by a local
+        # path: configs get shared (pushed to the Hub), and a path names someone's machine, not a model.
+        if path == default_encoder_path():
+            source = DEFAULT_ENCODER_HUB_ID
+        else:
+            source = "" if os.path.exists(path) else str(encoder_name_or_path)
         config.name_or_path = encoder_config.name_or_path = source
         # The Trainer aligns the top-level pad id with the tokenizer's; take the encoder's so nothing needs fixing.
         config.pad_token_id = getattr(encoder_config, "pad_token_id", None)

@@ -194,3 +194,8 @@ def test_from_encoder_applies_the_attention_implementation(tiny_encoder_dir, tin
     assert model.encoder.config._attn_implementation == "eager"
     attentions = model(**batch(tiny_tokenizer), output_attentions=True).attentions
     assert len(attentions) == 2 and attentions[0].shape[1] == 2  # one per layer, one map per head
+
+
+def test_a_local_encoder_path_is_not_written_into_the_config(tmp_path, tiny_model, tiny_encoder_dir):
+    tiny_model.save_pretrained(tmp_path)
+    assert str(tiny_encoder_dir) not in (tmp_path / "config.json").read_text()
