@@ -48,11 +48,20 @@ def freeze_targets(model: nn.Module, spec: str) -> list[nn.Module]:
 
 def apply_freeze(model: nn.Module, spec: str) -> tuple[int, int]:
     """Make exactly the parameters that `spec` names untrainable; return (trainable, total) parameter counts."""
+    frozen_before = {id(p) for p in model.parameters() if not p.requires_grad}
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     for module in freeze_targets(model, spec):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
+    thawed = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in frozen_before)
+    if thawed:  # frozen by hand (requires_grad_(False)) before the trainer was built: the spec decides
+        logger.warning(
+            "freeze=%r makes %s parameters trainable that were frozen on the model; name the parts to freeze "
+            "in --freeze (freeze=) instead of setting requires_grad by hand.",
+            spec,
+            f"{thawed:,}",
+        )
     trainable, total = count_parameters(model)
     logger.info(
         "freeze=%r: %s of %s parameters are trainable (%.1f%%)",

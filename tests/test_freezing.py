@@ -143,3 +143,11 @@ def test_a_failed_training_run_leaves_no_hook_or_signal_handler_behind(tiny_mode
     assert not tiny_model.encoder._forward_pre_hooks and not tiny_model.encoder._forward_hooks
     ids = torch.tensor([[2, 5, 6, 3]])
     assert tiny_model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.requires_grad
+
+
+def test_parameters_frozen_by_hand_are_decided_by_the_spec_with_a_warning(tiny_model, caplog):
+    tiny_model.encoder.embeddings.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="mtl.freezing"):
+        apply_freeze(tiny_model, "none")
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    assert "makes" in caplog.text and "trainable that were frozen on the model" in caplog.text
