@@ -16,6 +16,7 @@ from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.checkpointing import check_output_dir, resolve_checkpoint
 from mtl.cli import parse_arguments, run, setup_logging
+from mtl.configuration import token_limit
 from mtl.data import (
     MissingSplitError,
     MultiTaskDataCollator,
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_metric_for_best_model(training_args, list(tasks))
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)  # before reading any data
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = token_limit(config)
     if limit and data_args.max_seq_length > limit:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
 

@@ -100,3 +100,17 @@ class MultiTaskConfig(PreTrainedConfig):
     @property
     def max_position_embeddings(self) -> int | None:
         return getattr(self.encoder, "max_position_embeddings", None)
+
+
+# Encoders whose position ids start after the padding index (as in fairseq): of their `max_position_embeddings`
+# (514 for RoBERTa-base), pad_token_id + 1 are never used by a token, so 512 tokens fit, not 514.
+PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text")
+
+
+def token_limit(config: PreTrainedConfig) -> int | None:
+    """The most tokens (special tokens included) the encoder of `config` (an mtl or encoder config) can read."""
+    encoder = config.encoder if isinstance(config, MultiTaskConfig) else config
+    limit = getattr(encoder, "max_position_embeddings", None)
+    if limit and getattr(encoder, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
+        limit -= (getattr(encoder, "pad_token_id", None) or 0) + 1
+    return limit

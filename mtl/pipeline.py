@@ -10,6 +10,7 @@ from scipy.special import softmax
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .configuration import token_limit
 from .data import check_text
 from .modeling import MultiTaskModel, load_multitask_model, load_tokenizer
 
@@ -68,7 +69,7 @@ class MultiTaskPipeline:
         self.batch_size = batch_size
         # bf16 autocast on GPUs that support it: about twice the throughput, labels unchanged in practice.
         self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        limit = model.config.max_position_embeddings or 512
+        limit = token_limit(model.config) or 512
         # A tokenizer without a recorded length reports a huge `model_max_length`: the position limit caps it.
         self.max_length = min(max_length or tokenizer.model_max_length or limit, limit)
 

@@ -158,3 +158,22 @@ def test_bad_sizes_are_refused(saved_model, settings, message):
 def test_cli_bad_chunk_size_is_one_error(saved_model, capsys):
     assert run(main, [str(saved_model), "some text", "--chunk_size", "0"]) == 1
     assert "chunk_size (--chunk_size) must be at least 1" in capsys.readouterr().err
+
+
+def test_roberta_style_encoders_are_cut_below_their_padding_offset(tmp_path, tiny_tokenizer):
+    from transformers import RobertaConfig, RobertaModel
+
+    from mtl import MultiTaskModel
+    from mtl.configuration import token_limit
+
+    config = RobertaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=34, pad_token_id=0, type_vocab_size=2,
+    )  # fmt: skip
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert token_limit(config) == 33  # positions start after the padding index 0
+    model = MultiTaskModel.from_encoder(tmp_path)
+    assert token_limit(model.config) == 33
+    (result,) = MultiTaskPipeline(model, tiny_tokenizer, device="cpu")([" ".join(["phone"] * 100)])
+    assert result["category"] in model.config.tasks["category"]
