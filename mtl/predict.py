@@ -35,7 +35,9 @@ class PredictArguments(InferenceArguments):
     input: str | None = field(
         default=None, metadata={"help": "A .txt (one text per line), .jsonl or .csv (with a text column) file."}
     )
-    output: str | None = field(default=None, metadata={"help": "Write the JSON lines here instead of stdout."})
+    output: str | None = field(
+        default=None, metadata={"help": "Write the JSON lines here (a .jsonl file) instead of stdout."}
+    )
     text_column: str = field(default="text", metadata={"help": "The text column of a .jsonl/.csv input."})
     max_length: int | None = field(
         default=None,
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"unknown option(s) {unknown}; see python -m mtl.predict --help.")
     positional.texts += rest
     setup_logging(logging.WARNING)
+    if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
+        raise ValueError(f"--output {args.output}: predictions are JSON lines; name the file *.jsonl.")
     if bool(positional.texts) == bool(args.input):
         raise ValueError("give either texts on the command line or --input FILE (one of them, not both).")
     clf = MultiTaskPipeline.from_pretrained(

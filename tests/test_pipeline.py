@@ -95,6 +95,9 @@ def test_cli_texts_and_files(tmp_path, saved_model, capsys):
     assert [line["text"] for line in lines] == ["the phone", "the vote", "a law"]  # texts after flags too
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['--colour'\]"):
         main([str(saved_model), "the phone", "--colour", "blue"])
+    with pytest.raises(ValueError, match=r"--output .*preds\.csv: predictions are JSON lines"):
+        main([str(saved_model), "the phone", "--output", str(tmp_path / "preds.csv")])
+    assert not (tmp_path / "preds.csv").exists()
 
     inputs = {
         "in.txt": "the phone\n\nthe vote\n",
