@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
-from transformers.trainer_utils import IntervalStrategy
+from transformers.trainer_utils import IntervalStrategy, SchedulerType
 
 from .configuration import DEFAULT_TASKS, validate_tasks
 from .freezing import parse_freeze
@@ -271,6 +271,9 @@ class MultiTaskTrainingArguments(TrainingArguments):
         use_step = self.lr_scheduler_type == STEP_SCHEDULER
         if use_step:
             self.lr_scheduler_type = "constant"
+        elif str(self.lr_scheduler_type) not in [kind.value for kind in SchedulerType]:
+            allowed = [STEP_SCHEDULER, *(kind.value for kind in SchedulerType)]
+            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not one of {allowed}.")
         super().__post_init__()
         if use_step:
             self.lr_scheduler_type = STEP_SCHEDULER

@@ -26,13 +26,14 @@ def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None)
     """Parse command-line flags, or a single JSON/YAML file holding all of them (as {flag name: value})."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
-        argv = config_file_flags(Path(argv[0]))
+        return parser.parse_dict(read_config_file(Path(argv[0]), parser))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def config_file_flags(path: Path) -> list[str]:
-    """The flags a JSON/YAML config file stands for. Parsed as flags, its values are typed and checked exactly as
-    on the command line (a wrong type or an unknown name is an error before any work starts)."""
+def read_config_file(path: Path, parser: HfArgumentParser) -> dict:
+    """A JSON/YAML config file's settings, each value converted and checked as its flag's would be: a wrong type is
+    an error now, naming the file and the option, not an epoch into training. `null` keeps its meaning (None: e.g.
+    no validation file); unknown names are left for `parse_dict` to refuse."""
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist.")
     text = path.read_text(encoding="utf-8")
@@ -46,19 +47,29 @@ def config_file_flags(path: Path) -> list[str]:
             f"config file {path} must map option names to values (e.g. num_train_epochs: 3), got "
             f"{type(settings).__name__ if settings else 'nothing'}."
         )
-    flags = []
-    for name, value in settings.items():
-        if value is None:  # as if left out: the option's default
-            continue
-        values = value if isinstance(value, list) else [value]
-        flags += [f"--{name}", *(_flag_value(item) for item in values)]
-    return flags
+    return {name: _typed(parser, path, name, value) for name, value in settings.items()}
+
+
+def _typed(parser: HfArgumentParser, path: Path, name: str, value: object) -> object:
+    action = parser._option_string_actions.get(f"--{name}")
+    if action is None or action.type is None or value is None:
+        return value
+    items = value if isinstance(value, list) else [value]
+    try:  # through the flag's own text form, so that 3.5 is no int and "abc" no float, exactly as on the command line
+        converted = [action.type(_flag_value(item)) for item in items]
+    except (TypeError, ValueError):
+        kind = getattr(action.type, "__name__", "value")
+        raise ValueError(f"config file {path}: {name}: {value!r} is not a valid {kind}.") from None
+    wrong = [item for item in converted if action.choices and item not in action.choices]
+    if wrong:
+        raise ValueError(f"config file {path}: {name}: {wrong[0]!r} is not one of {list(action.choices)}.")
+    return converted if isinstance(value, list) else converted[0]
 
 
 def _flag_value(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, dict):  # e.g. tasks written as a mapping: the JSON that --tasks takes
+    if isinstance(value, (dict, list)):  # e.g. tasks written as a mapping: the JSON that --tasks takes
         return json.dumps(value)
     return str(value)
 
