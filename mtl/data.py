@@ -142,9 +142,11 @@ def _label_id(value, labels: list[str], where: str, task: str) -> int:
     if name is not None and not isinstance(value, bool):
         if name in labels:
             return labels.index(name)
-        position = _POSITION.fullmatch(name)
-        if position and int(position[1]) < len(labels):
-            return int(position[1])
+        number = _POSITION.fullmatch(name)
+        if number and number[1] in labels:  # "3.0" for the label named "3"
+            return labels.index(number[1])
+        if number and int(number[1]) < len(labels):
+            return int(number[1])
         matches = [label for label in labels if label.lower() == name.lower()]
         if matches:
             raise DataError(f"{where}: {task} label {value!r} has the wrong case; did you mean {matches[0]!r}?")

@@ -82,6 +82,8 @@ def test_numeric_label_names_mean_the_same_in_json_and_csv(tmp_path):
     from_csv = write(tmp_path, "stars.csv", "text,stars\na,1\nb,3\n")
     assert label_matrix(load_files(from_json, stars)).tolist() == [[0], [2]]  # the names "1" and "3"
     assert label_matrix(load_files(from_csv, stars)).tolist() == [[0], [2]]
+    as_pandas_writes = write(tmp_path, "stars.0.csv", "text,stars\na,1.0\nb,3.0\nc,\n")
+    assert label_matrix(load_files(as_pandas_writes, stars)).tolist() == [[0], [2], [IGNORE_INDEX]]
     zero_based = {"grade": ["0", "1"]}
     assert label_matrix(load_files(write(tmp_path, "g.csv", "text,grade\na,1\n"), zero_based)).tolist() == [[1]]
     with pytest.raises(
