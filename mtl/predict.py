@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .pipeline import MultiTaskPipeline
 logger = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".csv")
+NEGATIVE_NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="A directory written by run_train.py, or a Hub model id.")
     parser.add_argument("texts", nargs="*", help="Texts to label (or use --input).")
     args, positional, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    # argparse fills `texts` only from the words right after MODEL: texts given after a flag come back unparsed.
-    unknown = [word for word in rest if word.startswith("--")]
+    # argparse fills `texts` only from the words right after MODEL: texts given after a flag come back unparsed. A
+    # word there that looks like an option (-o, --out) is a mistyped flag, not a text; negative numbers are texts.
+    unknown = [word for word in rest if word.startswith("-") and not NEGATIVE_NUMBER.fullmatch(word)]
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; see python -m mtl.predict --help.")
     positional.texts += rest

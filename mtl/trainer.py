@@ -4,6 +4,7 @@ import logging
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from datasets import Dataset
@@ -47,14 +48,17 @@ def resolve_task_weights(args: TrainingArguments, task_names: list[str]) -> list
     return list(weights)
 
 
-def check_metric_for_best_model(args: TrainingArguments, task_names: list[str]) -> None:
+def check_metric_for_best_model(
+    args: TrainingArguments, task_names: list[str], eval_set_names: Sequence[str] = ()
+) -> None:
     """--metric_for_best_model must be a metric evaluation logs: the Trainer would only find out at the first
-    evaluation, an epoch into training."""
+    evaluation, an epoch into training. With several evaluation sets (a dict), their names prefix the metrics."""
     name = args.metric_for_best_model
-    if name is None or not args.load_best_model_at_end:
+    if name is None:
         return
     allowed = metric_names(task_names)
-    if name.removeprefix("eval_") not in allowed:
+    named = [f"{set_name}_{metric}" for set_name in eval_set_names for metric in allowed]
+    if name.removeprefix("eval_") not in allowed + named:
         raise ValueError(f"--metric_for_best_model {name!r} is not a metric evaluation logs; choose one of {allowed}.")
 
 
@@ -99,7 +103,9 @@ class MultiTaskTrainer(Trainer):
         freeze_targets(model, getattr(args, "freeze", "none"))
         own_metrics = kwargs.get("compute_metrics") is None
         if own_metrics:
-            check_metric_for_best_model(args, model.config.task_names)
+            eval_sets = kwargs.get("eval_dataset")
+            names = list(eval_sets) if isinstance(eval_sets, dict) else []
+            check_metric_for_best_model(args, model.config.task_names, names)
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator.for_training_args(kwargs["processing_class"], args)
@@ -171,10 +177,10 @@ class MultiTaskTrainer(Trainer):
             )
             shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
             logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
-        elif self.args.train_sampling_strategy == "batch_rebalance" and "input_ids" not in dataset.column_names:
+        elif self._lend_lengths(dataset):
             # The stock sampler reads token lengths from input_ids, which cached embeddings replaced: lend it those
             # the rows had, in the column it reads first.
-            lengths = self._row_lengths(dataset)
+            lengths = self._token_lengths
             return super()._get_train_sampler(dataset.add_column(self.args.length_column_name, lengths))
         elif not grouped:
             return super()._get_train_sampler(train_dataset)
@@ -184,6 +190,16 @@ class MultiTaskTrainer(Trainer):
             sampler = EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self._data_seed)
         self._epoch_seeded_sampler = sampler
         return sampler
+
+    def _lend_lengths(self, dataset: Dataset) -> bool:
+        """Whether batch_rebalance needs the token lengths kept from before caching (the data has none of its own)."""
+        columns = dataset.column_names
+        return (
+            self.args.train_sampling_strategy == "batch_rebalance"
+            and self._token_lengths is not None
+            and "input_ids" not in columns
+            and self.args.length_column_name not in columns
+        )
 
     @property
     def _data_seed(self) -> int:

@@ -95,6 +95,10 @@ def test_cli_texts_and_files(tmp_path, saved_model, capsys):
     assert [line["text"] for line in lines] == ["the phone", "the vote", "a law"]  # texts after flags too
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['--colour'\]"):
         main([str(saved_model), "the phone", "--colour", "blue"])
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['-o'\]"):  # not two texts "-o" and "preds.jsonl"
+        main([str(saved_model), "the phone", "-o", "preds.jsonl"])
+    assert main([str(saved_model), "--batch_size", "2", "-5", "-2.5e3"]) == 2  # negative numbers are texts
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["-5", "-2.5e3"]
     with pytest.raises(ValueError, match=r"--output .*preds\.csv: predictions are JSON lines"):
         main([str(saved_model), "the phone", "--output", str(tmp_path / "preds.csv")])
     assert not (tmp_path / "preds.csv").exists()

@@ -273,3 +273,14 @@ def test_the_trainer_resumes_the_hf_way_and_refuses_to_mix_runs(tiny_model, make
         trainer.train()
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 4
+
+
+def test_metric_for_best_model_may_name_one_of_several_evaluation_sets(tiny_model, make_trainer):
+    from mtl.trainer import check_metric_for_best_model
+
+    args = MultiTaskTrainingArguments(output_dir="unused", metric_for_best_model="eval_dev_mean_macro_recall")
+    check_metric_for_best_model(args, ["category", "sentiment"], ["dev", "other"])
+    with pytest.raises(ValueError, match="'eval_dev_mean_macro_recall' is not a metric evaluation logs"):
+        check_metric_for_best_model(args, ["category", "sentiment"])
+    with pytest.raises(ValueError, match="'f1' is not a metric"):  # save_strategy='best' reads it too
+        make_trainer(tiny_model, save_strategy="best", metric_for_best_model="f1")
