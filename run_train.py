@@ -84,10 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_source = data_args.dataset_name if data_args.reads_hub("train") else ", ".join(data_args.train_file)
     train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
+    from_hub = data_args.reads_hub("validation")
     validation = load_split(data_args, tasks, "validation")
     test = load_split(data_args, tasks, "test")
     if validation is None:
-        training_args.disable_evaluation("--validation_file is empty")
+        training_args.disable_evaluation(
+            f"{data_args.dataset_name} has no validation split" if from_hub else "--validation_file is empty"
+        )
     if data_args.max_eval_samples:
         validation, test = (
             d.select(range(min(data_args.max_eval_samples, len(d)))) if d else d for d in (validation, test)

@@ -96,8 +96,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A `datasets` Hub name (needs network): its train, validation and test splits replace the local "
-            "files, except a --train_file/--validation_file/--test_file given explicitly (read instead) or empty "
-            "(none). A validation or test split the data set lacks is skipped with a warning."
+            "files, except where --train_file/--validation_file/--test_file is not its default (that file is read "
+            "instead; empty: none). A validation or test split the data set lacks is skipped with a warning."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})

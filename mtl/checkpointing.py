@@ -62,6 +62,8 @@ def remove_earlier_run(output_dir: str | Path) -> None:
     for checkpoint in checkpoint_folders(output_dir):
         logger.warning("--overwrite_output_dir: deleting %s, left by an earlier run.", checkpoint)
         shutil.rmtree(checkpoint)
+    if not Path(output_dir, "config.json").is_file():  # no earlier model here: a README.md is the user's own
+        return
     for name in RUN_RESULT_FILES:
         Path(output_dir, name).unlink(missing_ok=True)
 

@@ -109,7 +109,8 @@ PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "d
 
 def token_limit(config: PreTrainedConfig) -> int | None:
     """The most tokens (special tokens included) the encoder of `config` (an mtl or encoder config) can read."""
-    encoder = config.encoder if isinstance(config, MultiTaskConfig) else config
+    # By model type, not class: a model loaded with trust_remote_code has its own copy of MultiTaskConfig.
+    encoder = config.encoder if getattr(config, "model_type", None) == MultiTaskConfig.model_type else config
     limit = getattr(encoder, "max_position_embeddings", None)
     if limit and getattr(encoder, "model_type", None) in PADDING_OFFSET_MODEL_TYPES:
         limit -= (getattr(encoder, "pad_token_id", None) or 0) + 1

@@ -48,13 +48,15 @@ def freeze_targets(model: nn.Module, spec: str) -> list[nn.Module]:
 
 def apply_freeze(model: nn.Module, spec: str) -> tuple[int, int]:
     """Make exactly the parameters that `spec` names untrainable; return (trainable, total) parameter counts."""
-    frozen_before = {id(p) for p in model.parameters() if not p.requires_grad}
+    # Frozen by hand, that is: not by an earlier apply_freeze (a second trainer on the same model is no surprise).
+    by_hand = {id(p) for p in model.parameters() if not p.requires_grad} - getattr(model, "_frozen_by_spec", set())
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     for module in freeze_targets(model, spec):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
-    thawed = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in frozen_before)
+    model._frozen_by_spec = {id(p) for p in model.parameters() if not p.requires_grad}
+    thawed = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) in by_hand)
     if thawed:  # frozen by hand (requires_grad_(False)) before the trainer was built: the spec decides
         logger.warning(
             "freeze=%r makes %s parameters trainable that were frozen on the model; name the parts to freeze "

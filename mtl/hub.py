@@ -386,7 +386,7 @@ def _results_section(
 def _usage_section(config: MultiTaskConfig, repo_id: str) -> str:
     pooling = "mean pooling" if config.pooling == "mean" else "[CLS] pooling"
     outputs = ", ".join(f"'{task}': ..., '{task}_score': ..." for task in config.tasks)
-    return f'''## Usage
+    return f"""## Usage
 
 Without mtl, with transformers only (`trust_remote_code=True` runs this repository's `configuration.py` and
 `modeling.py`: read them first):
@@ -395,7 +395,7 @@ Without mtl, with transformers only (`trust_remote_code=True` runs this reposito
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-repo = "{repo_id}"
+repo = {repo_id!r}
 tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)  # the config it reads is this code's
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
 
@@ -415,10 +415,10 @@ code):
 ```python
 from mtl.pipeline import MultiTaskPipeline
 
-classifier = MultiTaskPipeline.from_pretrained("{repo_id}")
+classifier = MultiTaskPipeline.from_pretrained({repo_id!r})
 print(classifier(["Replace this with your own sentence."]))
 # [{{'text': ..., {outputs}}}]
-```'''
+```"""
 
 
 def _is_repo_id(name: str) -> bool:

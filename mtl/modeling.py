@@ -192,7 +192,7 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
         path = resolve_encoder_name(encoder_name_or_path)
         # One dtype for the whole model: transformers would build the encoder in the dtype its config.json records
         # (often float16 on the Hub) next to float32 heads. Mixed precision comes from autocast, not the weights.
-        dtype = encoder_kwargs.pop("dtype", None) or torch.get_default_dtype()
+        dtype = _resolve_dtype(encoder_kwargs.pop("dtype", None) or encoder_kwargs.pop("torch_dtype", None))
         attn_implementation = encoder_kwargs.pop("attn_implementation", None)
         encoder_config = AutoConfig.from_pretrained(path, **encoder_kwargs)
         config = MultiTaskConfig(
@@ -300,6 +300,19 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             hidden_states=encoded.hidden_states if output_hidden_states and encoded is not None else None,
             attentions=encoded.attentions if output_attentions and encoded is not None else None,
         )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from `dtype=` as transformers takes it (torch.bfloat16, "bfloat16"); None or "auto": the default
+    float dtype, as the heads are built in."""
+    if dtype is None or dtype == "auto":
+        return torch.get_default_dtype()
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32' or 'bfloat16'.")
+        return resolved
+    return dtype
 
 
 def _load_encoder_weights(

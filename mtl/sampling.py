@@ -91,7 +91,7 @@ class TaskMixingSampler(Sampler[int]):
         return draws
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed % 2**64, self.epoch])  # entropy must be non-negative
         tasks = rng.permutation(np.repeat(np.arange(len(self.pools)), self.task_draws()))
         cursors = [0] * len(self.pools)
         orders = [rng.permutation(pool) for pool in self.pools]
@@ -130,7 +130,7 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         # Both numbers mixed, not added: with seed + epoch, seed 0's second epoch would be seed 1's first.
-        mixed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+        mixed = np.random.SeedSequence([self.seed % 2**64, epoch]).generate_state(1, dtype=np.uint64)[0]
         self.generator = torch.Generator().manual_seed(int(mixed))
 
 

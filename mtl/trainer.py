@@ -237,10 +237,10 @@ class MultiTaskTrainer(Trainer):
                 f"freeze={self.args.freeze!r} leaves nothing to train: every parameter is frozen. Use "
                 "--freeze none, encoder, or a task name instead."
             )
-        self._cache_frozen_embeddings()
         resume = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         overwrite = getattr(self.args, "overwrite_output_dir", False)
         check_output_dir(self.args.output_dir, resume, overwrite)
+        self._cache_frozen_embeddings()
         if resume is not None:
             check_checkpoint_tasks(resume, self.model.config.tasks)
         elif overwrite and self.args.should_save:

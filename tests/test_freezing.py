@@ -151,3 +151,8 @@ def test_parameters_frozen_by_hand_are_decided_by_the_spec_with_a_warning(tiny_m
         apply_freeze(tiny_model, "none")
     assert all(p.requires_grad for p in tiny_model.parameters())
     assert "makes" in caplog.text and "trainable that were frozen on the model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mtl.freezing"):  # two stages: frozen encoder, then everything
+        apply_freeze(tiny_model, "encoder")
+        apply_freeze(tiny_model, "none")
+    assert "frozen on the model" not in caplog.text

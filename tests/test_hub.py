@@ -186,7 +186,7 @@ def test_model_card_reads_tasks_labels_and_results(tmp_path):
     }
     assert "| topic | World, Sci\\|Tech |" in card.text and "| spam | no, yes |" in card.text
     assert "| frozen | encoder |" in card.text and "| epochs | 3 |" in card.text
-    assert 'MultiTaskPipeline.from_pretrained("me/topics")' in card.text
+    assert "MultiTaskPipeline.from_pretrained('me/topics')" in card.text
     assert "'topic_score': ..., 'spam': ..." in card.text
     assert "category" not in card.text and "Sentiment" not in card.text  # nothing from the default tasks
 
@@ -299,7 +299,7 @@ def test_pushed_model_card(hub, pushed):
         }
     for task, labels in tasks.items():
         assert f"| {task} | {', '.join(labels)} |" in body
-    assert f'MultiTaskPipeline.from_pretrained("{REPO_ID}")' in body and "trust_remote_code=True" in body
+    assert f"MultiTaskPipeline.from_pretrained({REPO_ID!r})" in body and "trust_remote_code=True" in body
 
 
 def closed_port_url() -> str:

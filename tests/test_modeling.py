@@ -174,8 +174,12 @@ def test_an_encoder_saved_in_half_precision_gives_one_float32_model(tmp_path, ti
     model = MultiTaskModel.from_encoder(tmp_path)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model(**batch(tiny_tokenizer)).logits[0].dtype == torch.float32
-    halved = MultiTaskModel.from_encoder(tiny_encoder_dir, dtype=torch.bfloat16)  # asked for: the whole model
-    assert {p.dtype for p in halved.parameters()} == {torch.bfloat16}
+    for asked in (torch.bfloat16, "bfloat16"):  # asked for: the whole model
+        halved = MultiTaskModel.from_encoder(tiny_encoder_dir, dtype=asked)
+        assert {p.dtype for p in halved.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in MultiTaskModel.from_encoder(tmp_path, dtype="auto").parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype 'half_float' is not a torch dtype"):
+        MultiTaskModel.from_encoder(tiny_encoder_dir, dtype="half_float")
 
 
 def test_an_incomplete_encoder_checkpoint_is_refused(tmp_path, tiny_encoder_dir):

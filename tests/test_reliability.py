@@ -317,3 +317,11 @@ def test_an_unreachable_hub_data_set_is_one_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="--dataset_name 'user/x': cannot reach the Hub"):
         load_hub("user/x", "train", DEFAULT_TASKS)
+
+
+def test_overwriting_a_folder_without_a_model_keeps_its_readme(tmp_path):
+    from mtl.checkpointing import remove_earlier_run
+
+    (tmp_path / "README.md").write_text("my notes")
+    remove_earlier_run(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my notes"

@@ -133,6 +133,8 @@ def test_length_grouped_order_depends_only_on_seed_and_epoch():
     assert second != first
     # another seed is another sequence of orders, not the same one shifted by an epoch
     assert list(EpochSeededLengthGroupedSampler(16, lengths, seed=4)) != second
+    assert sorted(EpochSeededLengthGroupedSampler(16, lengths, seed=-1)) == list(range(200))  # a negative --data_seed
+    assert len(list(TaskMixingSampler(partial_labels(), "temperature", seed=-1))) == N_TOPIC + N_SENTIMENT
     # batches hold similar lengths: far less padding than a plain shuffle
     padded = sum(16 * max(lengths[i] for i in first[k : k + 16]) for k in range(0, 200, 16))
     shuffled = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()
