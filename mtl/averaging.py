@@ -69,19 +69,21 @@ def average_state_dicts(checkpoints: Sequence[str | Path]) -> dict[str, torch.Te
 def check_same_tasks(checkpoints: Sequence[str | Path]) -> None:
     """Checkpoints whose configs list other tasks, labels (or label orders) or pooling hold heads whose rows mean
     different things: averaging them would mix the labels without any shape telling."""
-    configs = {}
+    first = None  # (checkpoint, its tasks and pooling)
     for checkpoint in checkpoints:
         path = Path(checkpoint) / "config.json"
-        if path.is_file():
-            config = json.loads(path.read_text(encoding="utf-8"))
-            configs[str(checkpoint)] = (config.get("tasks"), config.get("pooling"))
-    if len(set(map(repr, configs.values()))) > 1:
-        (first, (tasks, pooling)), *_ = configs.items()
-        other, (other_tasks, other_pooling) = next((c, v) for c, v in configs.items() if v != (tasks, pooling))
-        raise ValueError(
-            f"{other} was trained with tasks {other_tasks} and {other_pooling} pooling, {first} with {tasks} and "
-            f"{pooling} pooling: average checkpoints of one run only."
-        )
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text(encoding="utf-8"))
+        setup = (config.get("tasks"), config.get("pooling"))
+        if first is None:
+            first = (checkpoint, setup)
+        elif setup != first[1]:
+            (tasks, pooling), (other_tasks, other_pooling) = first[1], setup
+            raise ValueError(
+                f"{checkpoint} was trained with tasks {other_tasks} and {other_pooling} pooling, {first[0]} with "
+                f"{tasks} and {pooling} pooling: average checkpoints of one run only."
+            )
 
 
 def load_averaged_weights(model: torch.nn.Module, checkpoints: Sequence[str | Path]) -> None:

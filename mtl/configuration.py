@@ -97,10 +97,6 @@ class MultiTaskConfig(PreTrainedConfig):
     def hidden_size(self) -> int:
         return self.encoder.hidden_size
 
-    @property
-    def max_position_embeddings(self) -> int | None:
-        return getattr(self.encoder, "max_position_embeddings", None)
-
 
 # Encoders whose position ids start after the padding index (as in fairseq): of their `max_position_embeddings`
 # (514 for RoBERTa-base), pad_token_id + 1 are never used by a token, so 512 tokens fit, not 514.

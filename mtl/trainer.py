@@ -106,6 +106,7 @@ class MultiTaskTrainer(Trainer):
             eval_sets = kwargs.get("eval_dataset")
             names = list(eval_sets) if isinstance(eval_sets, dict) else []
             check_metric_for_best_model(args, model.config.task_names, names)
+            # The Trainer checks it on init; it is rebuilt below, once the class weights are known.
             kwargs["compute_metrics"] = build_compute_metrics(model.config.tasks)
         if kwargs.get("data_collator") is None and kwargs.get("processing_class") is not None:
             kwargs["data_collator"] = MultiTaskDataCollator.for_training_args(kwargs["processing_class"], args)
