@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import run_eval
@@ -101,6 +102,20 @@ def test_random_truncation_cuts_long_training_rows_only(tmp_path, tiny_encoder_d
     run_train.main(train_flags(tiny_encoder_dir, data_dir, tmp_path / "model", *flags, test_file=False))
     assert widths["train"] <= set(range(8, 33)) and len(widths["train"]) > 5  # 32 long rows cut at random lengths
     assert widths["eval"] == {32}  # validation rows are never cut
+
+
+def test_every_process_leaves_the_process_group_after_the_writing(tmp_path, tiny_encoder_dir, data_dir, monkeypatch):
+    # A process that exits with its gloo group still up can abort in interpreter shutdown (SIGABRT: 'terminate called
+    # without an active exception'), so a finished `accelerate launch` run failed now and then. run_train must end
+    # with a barrier after the main process's last write (the card), then leave the group.
+    output = tmp_path / "model"
+    calls = []
+    monkeypatch.setattr(Accelerator, "wait_for_everyone", lambda self: calls.append(("wait", output.exists())))
+    monkeypatch.setattr(
+        Accelerator, "end_training", lambda self: calls.append(("end", (output / "README.md").exists()))
+    )
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, output, "--num_train_epochs", "1"))
+    assert calls[-2:] == [("wait", True), ("end", True)]
 
 
 def test_partial_test_file_is_evaluated_on_its_tasks(tmp_path, tiny_encoder_dir, data_dir):
