@@ -155,11 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         trainer.create_model_card(dataset=data_sources(data_args))
 
-    # 7. Under `accelerate launch`, every process waits for the main one's writing, then leaves the process group:
-    #    a process that exits with the group still up can abort in interpreter shutdown (gloo's threads outlive it),
-    #    failing a run that had finished. Nothing to do in a single process.
+    # Under `accelerate launch`, the other processes wait for the main one's writing before they leave the process
+    # group (`run`, below, leaves it); a no-op in a single process.
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
     return metrics
 
 
