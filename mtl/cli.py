@@ -1,6 +1,7 @@
 """What the entry points share: argument parsing (flags or one JSON/YAML file), logging set-up, and turning our
 errors into one clear line and a non-zero exit."""
 
+import gc
 import json
 import logging
 import os
@@ -121,8 +122,12 @@ def _run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | N
 
 
 def leave_process_group() -> None:
-    """Destroy the default process group, if there is one. A process that exits with its gloo group still up can
-    abort in interpreter shutdown (the group's threads outlive Python: SIGABRT, 'terminate called without an active
-    exception'), turning a finished run, or a clean stop's exit 130, into a crash."""
+    """Under `accelerate launch`: destroy the default process group and join its threads while Python still runs.
+
+    A gloo thread that releases its last collective's tensors after the interpreter began to shut down aborts the
+    process (SIGABRT, 'terminate called without an active exception'), failing a run that had finished, or turning a
+    clean stop's exit 130 into a crash. Destroying the group only drops torch's own reference to it: the DDP-wrapped
+    model and the trainer hold it too, in reference cycles, so they are collected here, which joins the threads."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        gc.collect()
