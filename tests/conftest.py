@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,13 @@ def train_flags(encoder, data_dir: Path, output_dir: Path, *extra: str, test_fil
         "--disable_tqdm", "true", "--max_seq_length", "32", *extra,
     ]
     # fmt: on
+
+
+def free_port() -> int:
+    """A port nothing listens on, so that runs of the suite side by side do not meet on a default port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

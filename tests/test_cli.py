@@ -1,6 +1,5 @@
 """mtl.cli: how the entry points end."""
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from mtl.cli import run
+from tests.conftest import free_port
 
 
 def gloo_threads() -> int:
@@ -15,12 +15,6 @@ def gloo_threads() -> int:
     return sum(
         Path(task, "comm").read_text().strip() == "pt_gloo_runloop" for task in Path("/proc/self/task").iterdir()
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Holder:

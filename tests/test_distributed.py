@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import run_eval
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import free_port, make_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port nothing listens on, so that runs of the suite side by side do not meet on accelerate's default."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(encoder: Path, train_file: Path, output: Path, *flags: str) -> None:

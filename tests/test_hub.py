@@ -7,7 +7,6 @@ its own environment: the server's address, an empty HF_HOME, and none of this se
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from transformers import AutoTokenizer
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainingArguments
 from mtl.hub import base_model_id, build_model_card, detach_hub_push, latest_metrics
 from mtl.modeling import DEFAULT_ENCODER_HUB_ID, default_encoder_path
-from tests.conftest import make_rows, train_flags, write_jsonl
+from tests.conftest import free_port, make_rows, train_flags, write_jsonl
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,9 +302,7 @@ def test_pushed_model_card(hub, pushed):
 
 
 def closed_port_url() -> str:
-    with socket.socket() as probe:  # a port that was just free: nothing listens there
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 @pytest.mark.slow
