@@ -99,13 +99,6 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     permission, no network) becomes one 'error:' line on stderr and exit 1. Under `accelerate launch` the process
     leaves its process group on the way out, however `main` ended."""
     try:
-        return _run(main, argv)
-    finally:
-        leave_process_group()
-
-
-def _run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None) -> int:
-    try:
         main(argv)
     except (ValueError, OSError) as error:
         if os.environ.get(DEBUG_ENV):
@@ -118,6 +111,8 @@ def _run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | N
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
+    finally:
+        leave_process_group()
     return 0
 
 
