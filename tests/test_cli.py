@@ -63,3 +63,11 @@ def test_without_a_process_group_nothing_changes():
     assert not dist.is_initialized()
     assert run(lambda argv: None, []) == 0
     assert not dist.is_initialized()
+
+
+def test_os_errors_are_one_line_and_exit_1(capsys):
+    def main(argv):
+        raise PermissionError(13, "Permission denied", "/app/outputs/model.safetensors")
+
+    assert run(main, []) == 1
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/app/outputs/model.safetensors'\n"

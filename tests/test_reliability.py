@@ -298,14 +298,6 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_
     assert "error: --output_dir" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
 
 
-def test_os_errors_are_one_line_and_exit_1(capsys):
-    def main(argv):
-        raise PermissionError(13, "Permission denied", "/app/outputs/model.safetensors")
-
-    assert run(main, []) == 1
-    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/app/outputs/model.safetensors'\n"
-
-
 def test_an_unreachable_hub_data_set_is_one_error(monkeypatch):
     import datasets
 
