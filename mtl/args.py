@@ -1,6 +1,8 @@
 """Every command-line option, once: dataclasses parsed by `HfArgumentParser` (flags, or one JSON/YAML file)."""
 
+import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +57,33 @@ class ModelArguments:
                 raise FileNotFoundError(f"--tasks {text!r} is neither a JSON mapping nor an existing file.")
             text = Path(text).read_text(encoding="utf-8")
         try:
-            tasks = yaml.safe_load(text)  # YAML is a superset of JSON
-        except yaml.YAMLError as error:
-            raise ValueError(f"--tasks could not be parsed as JSON/YAML: {error}") from None
+            tasks = json.loads(text, object_pairs_hook=_refuse_duplicate_tasks)
+        except json.JSONDecodeError:  # not JSON (PyYAML reads most JSON, but not e.g. tab indentation): YAML
+            try:
+                tasks = yaml.load(text, Loader=_UniqueKeyLoader)
+            except yaml.YAMLError as error:
+                raise ValueError(f"--tasks could not be parsed as JSON or YAML: {error}") from None
         validate_tasks(tasks)
         return tasks
+
+
+def _refuse_duplicate_tasks(pairs: list[tuple[str, object]]) -> dict:
+    names = [name for name, _ in pairs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:  # json.loads and yaml would silently keep the last one
+        raise ValueError(f"--tasks names the task(s) {duplicates} twice; give each task once, with all its labels.")
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a mapping key given twice."""
+
+    def construct_mapping(self, node, deep=False):
+        pairs = [
+            (self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
+            for key, value in node.value
+        ]
+        return _refuse_duplicate_tasks(pairs)
 
 
 @dataclass
@@ -132,6 +156,12 @@ class DataArguments:
     def __post_init__(self):
         self.validation_file = self.validation_file or None
         self.test_file = self.test_file or None
+        self.train_file = self.split_files("train")  # a list, also from `train_file: a.csv` in a YAML config
+        if not self.train_file:  # `train_file: []` or null in a config file
+            raise ValueError(
+                "--train_file names no file; give at least one training file (or leave it at its default with "
+                "--dataset_name)."
+            )
         if self.max_seq_length < 2:
             raise ValueError(f"--max_seq_length must be at least 2, got {self.max_seq_length}.")
         low = self.random_truncation_min_length
@@ -271,7 +301,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
         use_step = self.lr_scheduler_type == STEP_SCHEDULER
         if use_step:
             self.lr_scheduler_type = "constant"
-        elif str(self.lr_scheduler_type) not in [kind.value for kind in SchedulerType]:
+        # A SchedulerType (what TrainingArguments turns the name into, e.g. via dataclasses.replace) is its value.
+        elif getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type) not in [k.value for k in SchedulerType]:
             allowed = [STEP_SCHEDULER, *(kind.value for kind in SchedulerType)]
             raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r} is not one of {allowed}.")
         super().__post_init__()
@@ -282,13 +313,13 @@ class MultiTaskTrainingArguments(TrainingArguments):
         parse_freeze(self.freeze)
         if self.task_mixing not in MIXING_STRATEGIES:
             raise ValueError(f"--task_mixing {self.task_mixing!r} is not one of {list(MIXING_STRATEGIES)}.")
-        if self.mixing_temperature <= 0:
-            raise ValueError(f"--mixing_temperature must be positive, got {self.mixing_temperature}.")
+        if not 0 < self.mixing_temperature < math.inf:
+            raise ValueError(f"--mixing_temperature must be a positive number, got {self.mixing_temperature}.")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}.")
         if not 0 < self.layerwise_lr_decay <= 1:
             raise ValueError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
-        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+        if self.head_learning_rate is not None and not 0 < self.head_learning_rate < math.inf:
             raise ValueError(f"--head_learning_rate must be a positive number, got {self.head_learning_rate}.")
         if self.hub_model_id:
             try:  # also refuses '..' and other path tricks
@@ -298,8 +329,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
                     f"--hub_model_id {self.hub_model_id!r} is not a valid repository id: {error}"
                 ) from None
         weights = self.task_weights
-        if weights is not None and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
-            raise ValueError(f"--task_weights must be non-negative with at least one above 0, got {weights}.")
+        if weights is not None and (not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights)):
+            raise ValueError(f"--task_weights must be finite, non-negative, with at least one above 0, got {weights}.")
         if self.unfreeze_encoder_after_epochs is not None:
             if self.unfreeze_encoder_after_epochs < 1:
                 raise ValueError(
@@ -314,8 +345,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
                     "encoder's parameters get no gradients while it is frozen."
                 )
         self._check_averaging()
-        if self.lr_step_epochs <= 0:
-            raise ValueError(f"--lr_step_epochs must be positive, got {self.lr_step_epochs}.")
+        if not 0 < self.lr_step_epochs < math.inf:
+            raise ValueError(f"--lr_step_epochs must be a positive number, got {self.lr_step_epochs}.")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"--lr_gamma must be in (0, 1], got {self.lr_gamma}.")
 

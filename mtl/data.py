@@ -41,7 +41,18 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a quote left open would otherwise swallow the delimiters and line breaks after it, merging rows silently.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        yield from _delimited_rows(reader, path, delimiter)
+    except csv.Error as error:
+        raise DataError(
+            f"{path}: line {reader.line_num}: {error}; a field that starts with a quote must end with one (write a "
+            'quote inside a quoted field as "")'
+        ) from None
+
+
+def _delimited_rows(reader, path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
     header = next(reader, None)
     if not header or not any(name.strip() for name in header):
         raise DataError(f"{path}: the file is empty; it needs a header row and at least one data row.")
@@ -77,7 +88,8 @@ def _parse_json(text: str, path: Path, where: str):
 
 
 def _read_json_lines(text: str, path: Path) -> Iterator[tuple[int, dict]]:
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: str.splitlines would also split at U+2028 and the like, which JSON strings may hold raw.
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -93,7 +105,9 @@ def _read_json(text: str, path: Path) -> Iterator[tuple[int, dict]]:
     """A JSON array of objects (or {"data": [...]}); files that hold one object per line are read as JSON Lines."""
     try:
         document = _parse_json(text, path, "the JSON document")
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):  # meant as one array: say where it breaks, not that line 1 is no object
+            raise DataError(f"{path}: line {error.lineno} is not valid JSON ({error.msg}).") from None
         yield from _read_json_lines(text, path)
         return
     if isinstance(document, dict) and isinstance(document.get("data"), list):
@@ -130,10 +144,17 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
 _POSITION = re.compile(r"(\d+)(?:\.0*)?")
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
+
+
+def _is_number(name: str) -> bool:
+    return _NUMBER.fullmatch(name.strip()) is not None
+
+
 def _label_id(value, labels: list[str], where: str, task: str) -> int:
     """The id of a label name, or of a label position (0, 1, ...; a number or a string of digits, as CSV cells are);
-    -100 for an empty cell, null or missing key. A name wins over a position, so numeric label names ("1" to "5"
-    stars) mean the same in JSON (1) and in CSV ("1")."""
+    -100 for an empty cell, null or missing key. Where the label names are numbers ("1" to "5" stars), a value is a
+    name only: it means the same in JSON (1) and in CSV ("1"), and a file coded 0-4 is an error, not shifted by one."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return IGNORE_INDEX
     if isinstance(value, float) and value.is_integer():  # 2.0, as above
@@ -145,14 +166,16 @@ def _label_id(value, labels: list[str], where: str, task: str) -> int:
         number = _POSITION.fullmatch(name)
         if number and number[1] in labels:  # "3.0" for the label named "3"
             return labels.index(number[1])
-        if number and int(number[1]) < len(labels):
+        numeric_names = any(_is_number(label) for label in labels)
+        if number and int(number[1]) < len(labels) and not numeric_names:
             return int(number[1])
         matches = [label for label in labels if label.lower() == name.lower()]
         if matches:
             raise DataError(f"{where}: {task} label {value!r} has the wrong case; did you mean {matches[0]!r}?")
+    positions = "" if any(_is_number(label) for label in labels) else f", their positions 0-{len(labels) - 1},"
     raise DataError(
-        f"{where}: unknown {task} label {value!r}; allowed values are {labels}, their positions 0-{len(labels) - 1}, "
-        "or an empty cell for no label."
+        f"{where}: unknown {task} label {value!r}; allowed values are {labels}{positions} or an empty cell for no "
+        "label."
     )
 
 
@@ -163,6 +186,17 @@ def check_text(value: object, where: str) -> str:
     if not value.strip():
         raise DataError(f"{where} is empty or whitespace only; remove it or give it text.")
     return value
+
+
+def _check_task_columns(row: dict, tasks: dict[str, list[str]], where: str) -> None:
+    """A column meant for a task but spelled differently (`Sentiment` for `sentiment`) would leave that task
+    unlabelled without a word: refuse it."""
+    for column in row:
+        if column in tasks:
+            continue
+        meant = [task for task in tasks if task.lower() == str(column).strip().lower() and task not in row]
+        if meant:
+            raise DataError(f"{where}: column {column!r} is not a task; did you mean {meant[0]!r}? Rename the column.")
 
 
 def encode_rows(
@@ -177,6 +211,7 @@ def encode_rows(
                 f"{where}: no {text_column!r} column (columns: {sorted(row)}); "
                 "name the text column with --text_column."
             )
+        _check_task_columns(row, tasks, where)
         text = check_text(row[text_column], f"{where}: the {text_column!r} value")
         texts.append(text)
         labels.append([_label_id(row.get(task), names, where, task) for task, names in tasks.items()])

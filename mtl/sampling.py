@@ -36,7 +36,11 @@ def task_probabilities(counts: list[int], strategy: str, temperature: float = 2.
     if strategy == "proportional":
         weights = counts
     elif strategy == "temperature":
-        weights = counts ** (1.0 / temperature)
+        # n ** (1/T) relative to the largest task, in log space: a small T would overflow n ** (1/T) to inf, and an
+        # empty pool keeps a weight of 0 for any T (0 ** 0 is 1).
+        with np.errstate(divide="ignore"):
+            logs = np.log(counts)
+        weights = np.exp((logs - logs.max()) / temperature)
     elif strategy in ("round_robin", "equal"):
         weights = (counts > 0).astype(np.float64)
     else:

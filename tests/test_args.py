@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -126,11 +127,33 @@ def test_every_option_has_help():
         ({"unfreeze_encoder_after_epochs": 0}, "unfreeze_encoder_after_epochs"),
         ({"unfreeze_encoder_after_epochs": 1, "freeze": "all"}, "cannot be combined"),
         ({"unfreeze_encoder_after_epochs": 1, "ddp_find_unused_parameters": False}, "ddp_find_unused_parameters"),
+        # NaN passes a plain `<= 0` check; infinities would overflow the sampler or the loss.
+        ({"mixing_temperature": float("nan")}, "mixing_temperature"),
+        ({"mixing_temperature": float("inf")}, "mixing_temperature"),
+        ({"lr_step_epochs": float("nan")}, "lr_step_epochs"),
+        ({"task_weights": [1.0, float("nan")]}, "task_weights must be finite"),
+        ({"task_weights": [1.0, float("inf")]}, "task_weights must be finite"),
+        ({"head_learning_rate": float("inf")}, "head_learning_rate"),
     ],
 )
 def test_invalid_training_arguments(overrides, message):
     with pytest.raises(ValueError, match=message):
         MultiTaskTrainingArguments(output_dir="unused", **overrides)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "step"])
+def test_arguments_survive_dataclasses_replace(scheduler):
+    # TrainingArguments turns the scheduler name into a SchedulerType: validating a copy must accept that.
+    args = MultiTaskTrainingArguments(output_dir="unused", lr_scheduler_type=scheduler)
+    copy = dataclasses.replace(args, seed=3)
+    assert (copy.seed, str(getattr(copy.lr_scheduler_type, "value", copy.lr_scheduler_type))) == (3, scheduler)
+
+
+@pytest.mark.parametrize("train_file", [[], None, ""])
+def test_no_training_file_is_refused(train_file):
+    with pytest.raises(ValueError, match="--train_file names no file"):
+        DataArguments(train_file=train_file)
+    assert DataArguments(train_file="a.csv").train_file == ["a.csv"]  # one name, as a config file may give it
 
 
 @pytest.mark.parametrize("low", [1, 65])
@@ -150,6 +173,17 @@ def test_tasks_from_json_text_and_files(tmp_path):
         ModelArguments(tasks="missing.yaml").parsed_tasks()
     with pytest.raises(ValueError, match="at least 2"):
         ModelArguments(tasks='{"topic": ["one"]}').parsed_tasks()
+    tabbed = tmp_path / "tabbed.json"  # valid JSON that PyYAML cannot read
+    tabbed.write_text('{\n\t"topic": ["World", "Sports"]\n}\n')
+    assert ModelArguments(tasks=str(tabbed)).parsed_tasks() == {"topic": ["World", "Sports"]}
+
+
+@pytest.mark.parametrize("text", ['{"topic": ["a", "b"], "topic": ["c", "d"]}', "topic: [a, b]\ntopic: [c, d]\n"])
+def test_a_task_named_twice_is_refused(tmp_path, text):
+    path = tmp_path / "tasks.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"--tasks names the task\(s\) \['topic'\] twice"):
+        ModelArguments(tasks=str(path)).parsed_tasks()
 
 
 @pytest.mark.parametrize(

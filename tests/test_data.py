@@ -86,10 +86,12 @@ def test_numeric_label_names_mean_the_same_in_json_and_csv(tmp_path):
     assert label_matrix(load_files(as_pandas_writes, stars)).tolist() == [[0], [2], [IGNORE_INDEX]]
     zero_based = {"grade": ["0", "1"]}
     assert label_matrix(load_files(write(tmp_path, "g.csv", "text,grade\na,1\n"), zero_based)).tolist() == [[1]]
-    with pytest.raises(
-        DataError, match=r"unknown stars label 4; allowed values are \['1', '2', '3'\], their positions"
-    ):
-        load_files(write(tmp_path, "four.jsonl", '{"text": "a", "stars": 4}\n'), stars)
+    # Numeric names are names only: a file coded 0-2 for stars 1-3 is refused, not read shifted by one.
+    for value in (4, 0):
+        with pytest.raises(
+            DataError, match=rf"unknown stars label {value}; allowed values are \['1', '2', '3'\] or an empty cell"
+        ):
+            load_files(write(tmp_path, "bad.jsonl", f'{{"text": "a", "stars": {value}}}\n'), stars)
 
 
 @pytest.mark.parametrize(
@@ -131,12 +133,25 @@ def test_numeric_label_names_mean_the_same_in_json_and_csv(tmp_path):
         ("latin1.jsonl", b'{"text": "caf\xe9", "category": "Tech"}\n', r"line 1 is not valid UTF-8"),
         ("array.jsonl", "[1, 2]\n", r"line 1 is a JSON list, not an object"),
         ("data.parquet", "x", r"unsupported file type '.parquet'"),
+        # A task column spelled differently would leave the task unlabelled without a word.
+        ("case_column.csv", "text,Sentiment\nhello,Positive\n", r"row 2: column 'Sentiment' is not a task; did you"),
+        # An open quote would swallow the tab, the line break and the next row: two rows merged into one.
+        ("open_quote.tsv", 'text\tcategory\n"Great phone\tTech\nmatch day" was fun\tSports\n', r"line 3: .*quote"),
+        ("unclosed.csv", 'text,category\n"never closed,Tech\nnext,Sports\n', r"unclosed.csv: line \d+: .*quote"),
+        # A broken array: where it breaks (line 3), not that its first line is no object.
+        ("trailing_comma.json", '[\n  {"text": "a", "category": "Tech"},\n]\n', r"line 3 is not valid JSON"),
     ],
 )
 def test_bad_input_names_file_row_and_value(tmp_path, name, content, message):
     path = write(tmp_path, name, content)
     with pytest.raises(DataError, match=message):
         load_files(path, TASKS)
+
+
+def test_json_lines_strings_may_hold_unicode_line_separators(tmp_path):
+    texts = ["first\u2028line", "next\u2029paragraph\x85end"]  # valid raw inside JSON strings
+    lines = "".join(json.dumps({"text": t, "category": "Tech"}, ensure_ascii=False) + "\n" for t in texts)
+    assert load_files(write(tmp_path, "u.jsonl", lines), TASKS)["text"] == texts
 
 
 def test_missing_file(tmp_path):

@@ -34,6 +34,14 @@ def test_probabilities(strategy, expected):
 
 def test_a_task_without_rows_is_never_drawn():
     assert task_probabilities([0, 50], "round_robin").tolist() == [0.0, 1.0]
+    assert task_probabilities([0, 50], "temperature", temperature=1e6).tolist() == [0.0, 1.0]
+
+
+def test_a_small_temperature_does_not_overflow():
+    # 47,519 ** (1 / 0.01) overflows a float: the shares are computed relative to the largest task.
+    probabilities = task_probabilities([N_TOPIC, N_SENTIMENT], "temperature", temperature=0.01)
+    assert probabilities.tolist() == pytest.approx([0.0, 1.0])
+    assert np.isfinite(probabilities).all()
 
 
 @pytest.mark.parametrize(
