@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     if continuing and model_args.tasks:
         raise ValueError(f"--tasks cannot change the tasks of the saved mtl model {source!r}; leave it out.")
     tasks = config.tasks if continuing else model_args.parsed_tasks() or MultiTaskConfig().tasks
-    frozen = check_freeze(training_args.freeze, list(tasks))
+    frozen = check_freeze(training_args.freeze, list(tasks), training_args.unfreeze_encoder_after_epochs)
     resolve_task_weights(training_args, list(tasks))
     check_metric_for_best_model(training_args, list(tasks))
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)

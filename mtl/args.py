@@ -344,6 +344,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
                     "--unfreeze_encoder_after_epochs needs --ddp_find_unused_parameters true (or unset): the "
                     "encoder's parameters get no gradients while it is frozen."
                 )
+            # Unset, the Trainer would turn it off under --activation_checkpointing, and DDP would then fail.
+            self.ddp_find_unused_parameters = True
         self._check_averaging()
         if not 0 < self.lr_step_epochs < math.inf:
             raise ValueError(f"--lr_step_epochs must be a positive number, got {self.lr_step_epochs}.")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser
 from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_NAME
@@ -31,6 +32,16 @@ MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".md", ".py")
 TRAINING_STATE_FILES = ("trainer_state.json",)
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); was the run interrupted while saving it? Leave "
+            "that checkpoint out."
+        ) from None
+
+
 def average_state_dicts(checkpoints: Sequence[str | Path]) -> dict[str, torch.Tensor]:
     """Mean of the `model.safetensors` weights in `checkpoints`, computed in float32 and returned in each tensor's
     own dtype. Integer tensors (buffers such as position ids) must be equal in all checkpoints and are kept."""
@@ -43,10 +54,10 @@ def average_state_dicts(checkpoints: Sequence[str | Path]) -> dict[str, torch.Te
                 f"{path} does not exist: checkpoint averaging reads unsharded safetensors weights."
             )
     check_same_tasks(checkpoints)
-    first = load_file(paths[0])
+    first = _read_weights(paths[0])
     sums = {name: t.float() if t.is_floating_point() else t for name, t in first.items()}
     for path in paths[1:]:
-        weights = load_file(path)
+        weights = _read_weights(path)
         if weights.keys() != sums.keys():
             different = sorted(weights.keys() ^ sums.keys())
             raise ValueError(f"{path} holds other tensors than {paths[0]} ({different[:3]}): not the same model.")

@@ -38,6 +38,11 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return complete
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    return int(_CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     """Every `checkpoint-<step>` folder in `output_dir`, complete or not, by step."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]

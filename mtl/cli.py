@@ -1,11 +1,14 @@
 """What the entry points share: argument parsing (flags or one JSON/YAML file), logging set-up, and turning our
 errors into one clear line and a non-zero exit."""
 
+import argparse
+import dataclasses
 import gc
 import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -54,18 +57,34 @@ def read_config_file(path: Path, parser: HfArgumentParser) -> dict:
 
 def _typed(parser: HfArgumentParser, path: Path, name: str, value: object) -> object:
     action = parser._option_string_actions.get(f"--{name}")
-    if action is None or action.type is None or value is None:
+    if action is None or value is None:
         return value
+    takes_list = action.nargs in ("+", "*")
+    if isinstance(value, list) and not takes_list and not _annotation_allows_list(parser, name):
+        raise ValueError(f"config file {path}: {name}: takes one value, got the list {value!r}.")
     items = value if isinstance(value, list) else [value]
-    try:  # through the flag's own text form, so that 3.5 is no int and "abc" no float, exactly as on the command line
-        converted = [action.type(_flag_value(item)) for item in items]
-    except (TypeError, ValueError):
-        kind = getattr(action.type, "__name__", "value")
-        raise ValueError(f"config file {path}: {name}: {value!r} is not a valid {kind}.") from None
-    wrong = [item for item in converted if action.choices and item not in action.choices]
+    if action.type is not None:
+        try:  # through the flag's own text form, so that 3.5 is no int and "abc" no float, as on the command line
+            items = [action.type(_flag_value(item)) for item in items]
+        except (TypeError, ValueError, argparse.ArgumentTypeError):  # the last from transformers' string_to_bool
+            kind = getattr(action.type, "__name__", "value")
+            kind = "boolean (true or false)" if "bool" in kind else kind  # transformers' string_to_bool
+            raise ValueError(f"config file {path}: {name}: {value!r} is not a valid {kind}.") from None
+    wrong = [item for item in items if action.choices and item not in action.choices]
     if wrong:
         raise ValueError(f"config file {path}: {name}: {wrong[0]!r} is not one of {list(action.choices)}.")
-    return converted if isinstance(value, list) else converted[0]
+    if takes_list or isinstance(value, list):  # one value for a list option is a list of one, as on the command line
+        return items
+    return items[0]
+
+
+def _annotation_allows_list(parser: HfArgumentParser, name: str) -> bool:
+    """Whether the dataclass field takes a list although its flag takes one value (report_to: `str | list[str]`)."""
+    for dataclass_type in parser.dataclass_types:
+        if name in {f.name for f in dataclasses.fields(dataclass_type)}:
+            hint = typing.get_type_hints(dataclass_type)[name]
+            return any(t is list or typing.get_origin(t) is list for t in (hint, *typing.get_args(hint)))
+    return False
 
 
 def _flag_value(value: object) -> str:

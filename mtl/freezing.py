@@ -26,13 +26,20 @@ def parse_freeze(spec: str) -> list[str]:
     return parts
 
 
-def check_freeze(spec: str, task_names: list[str]) -> list[str]:
-    """The parts of a spec, each checked against the keywords and the model's task names."""
+def check_freeze(spec: str, task_names: list[str], unfreeze_encoder_after_epochs: int | None = None) -> list[str]:
+    """The parts of a spec, each checked against the keywords and the model's task names (and against a frozen start
+    of the encoder, which needs a head to train meanwhile)."""
     parts = parse_freeze(spec)
     allowed = [*FREEZE_KEYWORDS, *task_names]
     unknown = [part for part in parts if part not in allowed]
     if unknown:
         raise ValueError(f"--freeze {spec!r}: unknown part(s) {unknown}; allowed values are {allowed}.")
+    if unfreeze_encoder_after_epochs and set(task_names) <= set(parts):
+        raise ValueError(
+            f"--freeze {spec!r} freezes every head, so nothing would train during the first "
+            f"{unfreeze_encoder_after_epochs} epoch(s) of --unfreeze_encoder_after_epochs; leave a head trainable "
+            "or drop --unfreeze_encoder_after_epochs."
+        )
     return parts
 
 

@@ -21,12 +21,20 @@ from .checkpointing import (
     TrainingInterrupted,
     check_checkpoint_tasks,
     check_output_dir,
+    checkpoint_step,
     complete_checkpoints,
     remove_earlier_run,
     resolve_checkpoint,
 )
 from .data import MultiTaskDataCollator, label_matrix
-from .freezing import UnfreezeEncoderCallback, apply_freeze, count_parameters, freeze_targets, parse_freeze
+from .freezing import (
+    UnfreezeEncoderCallback,
+    apply_freeze,
+    check_freeze,
+    count_parameters,
+    freeze_targets,
+    parse_freeze,
+)
 from .hub import write_model_card
 from .metrics import build_compute_metrics, metric_names
 from .modeling import IGNORE_INDEX, MultiTaskOutput, labels_to_tensor, multitask_loss
@@ -60,6 +68,11 @@ def check_metric_for_best_model(
     named = [f"{set_name}_{metric}" for set_name in eval_set_names for metric in allowed]
     if name.removeprefix("eval_") not in allowed + named:
         raise ValueError(f"--metric_for_best_model {name!r} is not a metric evaluation logs; choose one of {allowed}.")
+    # transformers takes a metric whose name does not end in "loss" as better when higher: a task's loss
+    # (loss_<task>) would keep the worst checkpoint.
+    losses = ["loss", *(f"loss_{task}" for task in task_names)]
+    if name.removeprefix("eval_") in losses + [f"{s}_{loss}" for s in eval_set_names for loss in losses]:
+        args.greater_is_better = False
 
 
 def layerwise_lr_scales(model: nn.Module, decay: float, head_scale: float = 1.0) -> dict[str, float]:
@@ -226,6 +239,7 @@ class MultiTaskTrainer(Trainer):
         after = getattr(self.args, "unfreeze_encoder_after_epochs", None)
         if after:
             # The callback keeps the encoder out of training; its parameters stay trainable for the optimizer and DDP.
+            check_freeze(spec, self.model.config.task_names, after)
             parts = [part for part in parse_freeze(spec) if part not in ("none", "encoder")]
             spec = ",".join(parts) or "none"
             self.add_callback(UnfreezeEncoderCallback(after))
@@ -272,7 +286,9 @@ class MultiTaskTrainer(Trainer):
         from .averaging import load_averaged_weights
 
         self.accelerator.wait_for_everyone()  # the main process writes the last checkpoint
-        checkpoints = complete_checkpoints(self.args.output_dir)[-count:]
+        # Not past this run's last step: a run resumed from an earlier checkpoint may have left later ones behind.
+        done = self.state.global_step
+        checkpoints = [c for c in complete_checkpoints(self.args.output_dir) if checkpoint_step(c) <= done][-count:]
         if len(checkpoints) < 2:
             logger.warning(
                 "--average_checkpoints %d: %d checkpoint(s) saved, nothing to average.", count, len(checkpoints)

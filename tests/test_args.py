@@ -79,6 +79,13 @@ def test_a_config_file_may_write_tasks_as_a_mapping_lists_and_nulls(tmp_path):
     assert training_args.report_to == ["tensorboard"]  # a list where the dataclass takes one
 
 
+def test_a_config_file_may_give_one_value_for_a_list_option(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("task_weights: 2.0\ntrain_file: a.csv\n")
+    _, data_args, training_args = parse_arguments(parser(), [str(path)])
+    assert training_args.task_weights == [2.0] and data_args.train_file == ["a.csv"]  # as `--task_weights 2.0`
+
+
 @pytest.mark.parametrize(
     ("suffix", "content", "message"),
     [
@@ -193,6 +200,9 @@ def test_a_task_named_twice_is_refused(tmp_path, text):
         ("max_train_samples: 3.5\n", "config.yaml: max_train_samples: 3.5 is not a valid int"),
         ("lr_scheduler_type: sometimes\n", "--lr_scheduler_type 'sometimes' is not one of ['step', 'linear'"),
         ("colour: blue\n", "colour"),
+        ("use_cpu: maybe\n", "config.yaml: use_cpu: 'maybe' is not a valid boolean (true or false)"),
+        ("num_train_epochs: [1, 2]\n", "config.yaml: num_train_epochs: takes one value, got the list [1, 2]"),
+        ("learning_rate: [0.01]\n", "config.yaml: learning_rate: takes one value"),
     ],
 )
 def test_a_config_file_value_is_checked_like_a_flag(tmp_path, content, message):

@@ -58,6 +58,15 @@ def test_checkpoints_of_different_models_are_refused(tmp_path):
         average_state_dicts([a, tmp_path / "missing"])
 
 
+def test_a_truncated_weights_file_is_a_clear_error(tmp_path):
+    a = save_weights(tmp_path / "a", {"w": torch.zeros(64)})
+    b = save_weights(tmp_path / "b", {"w": torch.ones(64)})
+    weights = b / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:40])  # as a run killed while saving leaves it
+    with pytest.raises(ValueError, match=r"b.model\.safetensors is not a readable safetensors file"):
+        average_state_dicts([a, b])
+
+
 def test_checkpoints_with_other_label_orders_are_refused(tmp_path, tiny_model):
     from mtl import MultiTaskConfig
 
@@ -82,6 +91,18 @@ def test_trainer_averages_the_last_checkpoints(tiny_model, make_trainer, tmp_pat
     last, before_last = load_file(checkpoints[1] / WEIGHTS_NAME), load_file(checkpoints[0] / WEIGHTS_NAME)
     assert not torch.equal(last["heads.category.weight"], before_last["heads.category.weight"])
     assert_weights_equal(tiny_model, {name: (last[name] + before_last[name]) / 2 for name in last})
+
+
+def test_a_resumed_run_averages_none_of_the_later_checkpoints_an_earlier_run_left(tiny_model, make_trainer, tmp_path):
+    make_trainer(tiny_model, num_train_epochs=3, save_strategy="epoch", save_total_limit=None).train()
+    later = load_file(tmp_path / "out" / "checkpoint-6" / WEIGHTS_NAME)  # left by the 3-epoch run
+    trainer = make_trainer(
+        tiny_model, num_train_epochs=2, save_strategy="epoch", save_total_limit=None, average_checkpoints=2
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert trainer.averaged_checkpoints == ["checkpoint-2", "checkpoint-4"]  # not checkpoint-6 of the earlier run
+    assert not torch.equal(tiny_model.state_dict()["heads.category.weight"], later["heads.category.weight"])
 
 
 @pytest.mark.parametrize("averaged_is_better", [True, False])

@@ -107,6 +107,14 @@ def test_encoder_scheduled_after_the_last_epoch_stays_frozen_and_is_released_aft
     assert hidden.requires_grad
 
 
+@pytest.mark.parametrize("freeze", ["category,sentiment", "encoder,category,sentiment"])
+def test_gradual_unfreezing_with_every_head_frozen_is_refused_before_training(tiny_model, make_trainer, freeze):
+    # Nothing would train during the frozen epochs: the first backward pass would fail with an autograd error.
+    with pytest.raises(ValueError, match=r"freezes every head, so nothing would train during the first 1 epoch"):
+        make_trainer(tiny_model, freeze=freeze, unfreeze_encoder_after_epochs=1, num_train_epochs=2)
+    assert make_trainer(tiny_model, freeze="category", unfreeze_encoder_after_epochs=1).args.ddp_find_unused_parameters
+
+
 @pytest.mark.parametrize(("epoch", "frozen"), [(0.0, True), (1.5, True), (1.9999, True), (2.0, False), (2.5, False)])
 def test_gradual_unfreezing_counts_whole_epochs_when_resumed_mid_epoch(epoch, frozen):
     callback = UnfreezeEncoderCallback(after_epochs=2)

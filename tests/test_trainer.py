@@ -275,6 +275,40 @@ def test_the_trainer_resumes_the_hf_way_and_refuses_to_mix_runs(tiny_model, make
     assert trainer.state.global_step == 4
 
 
+@pytest.mark.parametrize(
+    ("metric", "greater"),
+    [
+        ("loss_category", False),
+        ("eval_loss_sentiment", False),
+        ("eval_dev_loss_category", False),
+        ("category_accuracy", True),
+        ("eval_loss", False),
+    ],
+)
+def test_a_task_loss_is_better_when_lower(metric, greater):
+    from mtl.trainer import check_metric_for_best_model
+
+    # transformers' rule (lower is better only for names ending in "loss") would rank loss_category upside down.
+    args = MultiTaskTrainingArguments(output_dir="unused", metric_for_best_model=metric)
+    check_metric_for_best_model(args, ["category", "sentiment"], ["dev"] if "dev" in metric else ())
+    assert args.greater_is_better is greater
+
+
+def test_the_best_checkpoint_by_a_task_loss_is_the_lowest(tiny_model, make_trainer):
+    trainer = make_trainer(
+        tiny_model,
+        num_train_epochs=3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="loss_category",
+    )
+    trainer.train()
+    losses = [entry["eval_loss_category"] for entry in trainer.state.log_history if "eval_loss_category" in entry]
+    assert len(losses) == 3 and len(set(losses)) == 3
+    assert trainer.state.best_metric == min(losses)
+
+
 def test_metric_for_best_model_may_name_one_of_several_evaluation_sets(tiny_model, make_trainer):
     from mtl.trainer import check_metric_for_best_model
 
