@@ -47,6 +47,12 @@ class EvalArguments(InferenceArguments):
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(HfArgumentParser(EvalArguments), argv)
     setup_logging()
+    if args.model_name_or_path == DEFAULT_OUTPUT_DIR and not Path(DEFAULT_OUTPUT_DIR).exists():
+        # Also a well-formed Hub id: say what is missing now, not after the Hub's network retries.
+        raise FileNotFoundError(
+            f"{DEFAULT_OUTPUT_DIR}: no such model directory; train one with `python run_train.py` first, or pass "
+            "--model_name_or_path DIR_OR_HUB_ID."
+        )
     pipeline = MultiTaskPipeline.from_pretrained(
         args.model_name_or_path,
         device=args.device,

@@ -35,6 +35,12 @@ def validate_tasks(tasks: dict[str, list[str]]) -> None:
             raise ValueError(f"Task {task!r} has an empty or non-string label name: {labels!r}.")
         if len(set(labels)) != len(labels):
             raise ValueError(f"Task {task!r} lists a label name twice: {labels!r}.")
+        if task.endswith("_score") and task.removesuffix("_score") in tasks:
+            # Predictions hold "<task>" and "<task>_score" (its probability): the two would write one key.
+            raise ValueError(
+                f"Task name {task!r} clashes with the score of task {task.removesuffix('_score')!r} in "
+                "predictions; rename it."
+            )
 
 
 class MultiTaskConfig(PreTrainedConfig):
@@ -100,7 +106,11 @@ class MultiTaskConfig(PreTrainedConfig):
 
 # Encoders whose position ids start after the padding index (as in fairseq): of their `max_position_embeddings`
 # (514 for RoBERTa-base), pad_token_id + 1 are never used by a token, so 512 tokens fit, not 514.
-PADDING_OFFSET_MODEL_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text")
+# The model types whose transformers code numbers positions with `create_position_ids_from_input_ids`.
+PADDING_OFFSET_MODEL_TYPES = (
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert", "mpnet", "data2vec-text",
+    "ibert", "longformer", "luke", "markuplm", "esm", "xmod", "lilt", "layoutlmv3",
+)  # fmt: skip
 
 
 def token_limit(config: PreTrainedConfig) -> int | None:

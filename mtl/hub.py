@@ -307,7 +307,8 @@ def _training_section(
     settings.update(
         {
             "frozen": _freezing(args),
-            "epochs": f"{args.num_train_epochs:g}",
+            # --max_steps overrides the number of epochs in the Trainer.
+            "epochs": f"{args.num_train_epochs:g}" if args.max_steps <= 0 else f"{args.max_steps} steps (max_steps)",
             "learning rate": f"{args.learning_rate:g} ({_plain(args.optim)}, weight decay {args.weight_decay:g})",
             "scheduler": _scheduler(args),
             "batch size": (

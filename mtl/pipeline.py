@@ -119,6 +119,8 @@ class MultiTaskPipeline:
         """Label a stream of texts chunk by chunk, so memory stays flat however long the stream is."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size (--chunk_size) must be at least 1 text, got {chunk_size}.")
+        if isinstance(texts, str):  # one text, as for __call__: not a stream of its characters
+            texts = [texts]
         chunk = []
         for text in texts:
             chunk.append(text)

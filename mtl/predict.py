@@ -56,7 +56,8 @@ def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
         raise DataError(f"{path}: unsupported input type {suffix or '(none)'!r}; use one of {list(INPUT_SUFFIXES)}.")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
-    with open(path, encoding="utf-8", newline="" if suffix == ".csv" else None) as handle:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Notepad) is no part of the first text, as in training.
+    with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
         try:
             yield from _iter_handle(handle, path, suffix, text_column)
         except UnicodeDecodeError as error:
@@ -65,11 +66,18 @@ def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
 
 def _iter_handle(handle: io.TextIOBase, path: Path, suffix: str, text_column: str) -> Iterator[str]:
     if suffix == ".csv":
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or text_column not in reader.fieldnames:
-            raise DataError(f"{path}: no {text_column!r} column (columns: {reader.fieldnames}); use --text_column.")
-        for row in reader:
-            yield check_text(row[text_column], f"{path}: line {reader.line_num}: the text")
+        reader = csv.DictReader(handle, strict=True)
+        try:
+            if reader.fieldnames is not None:  # header names are read stripped, as in training (`id, text`)
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            if reader.fieldnames is None or text_column not in reader.fieldnames:
+                raise DataError(
+                    f"{path}: no {text_column!r} column (columns: {reader.fieldnames}); use --text_column."
+                )
+            for row in reader:
+                yield check_text(row[text_column], f"{path}: line {reader.line_num}: the text")
+        except csv.Error as error:
+            raise DataError(f"{path}: line {reader.line_num}: {error}; close every quote a field opens.") from None
         return
     for number, line in enumerate(handle, start=1):
         if not line.strip():

@@ -188,6 +188,9 @@ def test_model_card_reads_tasks_labels_and_results(tmp_path):
     assert "MultiTaskPipeline.from_pretrained('me/topics')" in card.text
     assert "'topic_score': ..., 'spam': ..." in card.text
     assert "category" not in card.text and "Sentiment" not in card.text  # nothing from the default tasks
+    by_steps = MultiTaskTrainingArguments(output_dir=str(tmp_path), use_cpu=True, num_train_epochs=3, max_steps=10)
+    card = build_model_card(config, by_steps, metrics, repo_id="me/topics")
+    assert "| epochs | 10 steps (max_steps) |" in card.text  # the Trainer ignores num_train_epochs then
 
 
 def test_model_card_gives_the_multitask_recipe(tmp_path):

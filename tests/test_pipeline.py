@@ -53,6 +53,7 @@ def test_labels_and_scores(clf):
 
 def test_streaming_gives_the_same_results(clf):
     assert list(clf.iter_predictions(iter(TEXTS), chunk_size=3)) == clf(TEXTS)
+    assert list(clf.iter_predictions(TEXTS[0])) == clf(TEXTS[0])  # one text, not one per character
 
 
 def test_very_long_text_is_truncated(clf):
@@ -144,6 +145,28 @@ def test_iter_texts_is_lazy(tmp_path):
     path.write_text("".join(f"text {i}\n" for i in range(1000)))
     stream = iter_texts(path)
     assert next(stream) == "text 0"  # nothing else was read or checked yet
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("bom.txt", "\ufeffthe phone\nthe vote\n"),  # a byte-order mark, as Notepad and Excel write one
+        ("bom.jsonl", '\ufeff{"text": "the phone"}\n{"text": "the vote"}\n'),
+        ("bom.csv", "\ufefftext\nthe phone\nthe vote\n"),
+        ("spaced.csv", "id, text\n1,the phone\n2,the vote\n"),  # header names are stripped, as in training
+    ],
+)
+def test_iter_texts_reads_what_training_reads(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8"))
+    assert list(iter_texts(path)) == ["the phone", "the vote"]
+
+
+def test_iter_texts_refuses_an_open_quote(tmp_path):
+    path = tmp_path / "quote.csv"
+    path.write_text('text\n"the phone\nthe vote\n')  # the quote would swallow the rest of the file
+    with pytest.raises(DataError, match=r"quote.csv: line \d+: .*close every quote"):
+        list(iter_texts(path))
 
 
 def test_iter_texts_rejects_non_text(tmp_path):

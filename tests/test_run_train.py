@@ -296,3 +296,12 @@ def test_a_hub_data_set_gives_the_splits_it_has_and_explicit_files_win(
     assert "has no 'train' split (it has ['test']). Name the training split's file with --train_file" in (
         capsys.readouterr().err
     )
+
+
+def test_eval_without_a_trained_default_model_says_to_train_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no outputs/mtl-minilm here; the Hub is not asked (it would retry for seconds)
+    monkeypatch.setattr(MultiTaskPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the Hub was asked"))
+    assert run(run_eval.main, []) == 1
+    assert "outputs/mtl-minilm: no such model directory; train one with `python run_train.py` first" in (
+        capsys.readouterr().err
+    )
