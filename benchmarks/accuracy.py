@@ -1,5 +1,5 @@
 """Accuracy on real public data: one multi-task model against one single-task model per task (same encoder, same
-budget) and against the frozen encoder with trained heads, side by side.
+number of epochs over its training file) and against the frozen encoder with trained heads, side by side.
 
     python benchmarks/accuracy.py --data_dir ../shared/data/bench       # full run (one H200: about 7 min, estimated)
     python benchmarks/accuracy.py --data_dir ../shared/data/bench --max_train_samples 400 --max_eval_samples 500
@@ -7,24 +7,31 @@ budget) and against the frozen encoder with trained heads, side by side.
 
 Trains on train.jsonl, selects the best epoch on validation.jsonl (mean macro-recall of the tasks), and reports on
 the held-out test and out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run (two for
-"single": one per task); the table goes to stdout and, with --results_file, is appended to a Markdown file with the
-command, hardware and date.
+"single": one per task), timed from its start to its saved model (data loading, tokenization, per-epoch validation,
+and for the frozen system the embedding of every row, included; interpreter start-up and imports not); the table goes
+to stdout (logs to stderr) and, with --results_file, is appended to a Markdown file with the command, hardware and
+date.
 """
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
+import datasets
 import numpy as np
 import torch
 from transformers import HfArgumentParser
@@ -53,6 +60,7 @@ COLUMNS = [
     ("S140 macro-recall", "xdomain_sentiment_s140.jsonl", "sentiment", "macro_recall"),
 ]
 SYSTEMS = ("multitask", "single", "frozen")
+CHILD = "--run-train-child"  # first argument of a --jobs run's training process (not a user option)
 
 
 @dataclass
@@ -65,7 +73,9 @@ class BenchmarkArguments:
         default=None, metadata={"help": "Only these tasks, e.g. 'category' (default: every task of the config)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "At most N training rows per task."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "At most N rows per test file."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "At most N rows per test file, and per task of validation.jsonl."}
+    )
     # The defaults of the fine-tuned systems are the best recipe found on validation.jsonl (RESULTS.md, runs 2-12).
     num_train_epochs: float = field(default=4.0, metadata={"help": "Epochs of every fine-tuned system."})
     frozen_epochs: float = field(default=10.0, metadata={"help": "Epochs of the frozen-encoder system."})
@@ -119,7 +129,7 @@ class BenchmarkArguments:
         metadata={
             "help": "Training runs at once. 1: one after another, in this process. N > 1: up to N run_train.py "
             "processes at once (each logs to its folder's run_train.log), for a GPU that one run at batch 32 leaves "
-            "mostly idle. Each run's wall time then includes the others' load."
+            "mostly idle. Each run's time then includes the others' load."
         },
     )
     results_file: str | None = field(default=None, metadata={"help": "Append the table to this Markdown file."})
@@ -145,12 +155,13 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_subset(rows: list[dict], tasks: list[str], limit: int | None, path: Path, seed: int) -> Path:
-    """Rows labelled for any of `tasks` (other tasks' labels removed), at most `limit` per task, in file order."""
-    rng = np.random.default_rng(seed)
+    """Rows labelled for any of `tasks` (other tasks' labels removed), at most `limit` per task, in file order. A
+    task's sample depends on the seed and the task alone, so a single-task run gets the multi-task run's rows."""
     keep = []
     for task in tasks:
         labelled = [i for i, row in enumerate(rows) if row.get(task) is not None]
         if limit and len(labelled) > limit:
+            rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
             labelled = sorted(rng.choice(labelled, size=limit, replace=False).tolist())
         keep.extend(labelled)
     with path.open("w", encoding="utf-8") as handle:
@@ -228,11 +239,11 @@ class Processes:
         self._started: list[subprocess.Popen] = []
         self._stopped = False
 
-    def start(self, command: list[str], log) -> subprocess.Popen:
+    def start(self, command: list[str], log, env: dict[str, str] | None = None) -> subprocess.Popen:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("not started: another run failed")
-            process = subprocess.Popen(command, stdout=log, stderr=log)
+            process = subprocess.Popen(command, stdout=log, stderr=log, env={**os.environ, **(env or {})})
             self._started.append(process)
             return process
 
@@ -244,23 +255,45 @@ class Processes:
 
 
 def execute(args: BenchmarkArguments, work: Path, argv: list[str], processes: Processes | None = None) -> float:
-    """Train one run: in this process, or (with --jobs > 1) as its own run_train.py process, started through
-    `processes` so that it can be stopped if another run fails. Returns the wall time."""
+    """Train one run: in this process, or (with --jobs > 1) as its own process, started through `processes` so that
+    it can be stopped if another run fails. Returns the time `run_train.main` took."""
     logger.info("%s: python run_train.py %s", work.name, shlex.join(argv))
-    start = time.perf_counter()
+    # Each run embeds its rows afresh (the frozen system): embeddings cached by an earlier benchmark run would leave
+    # the encoder's cost out of its time.
+    cache = work / "datasets-cache"
+    shutil.rmtree(cache, ignore_errors=True)
     if args.jobs == 1:
-        run_train.main(argv)
-        return time.perf_counter() - start
-    log = work / "run_train.log"
-    with log.open("w", encoding="utf-8") as handle:
-        process = (processes or Processes()).start([sys.executable, str(ROOT / "run_train.py"), *argv], handle)
-        code = process.wait()
-    if code:
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-        raise ValueError(f"{work.name}: run_train.py exited with {code} ({' '.join(tail)}); full log: {log}")
-    seconds = time.perf_counter() - start
+        with mock.patch.object(datasets.config, "HF_DATASETS_CACHE", str(cache)):
+            seconds = timed_run_train(argv)
+    else:
+        log, timing = work / "run_train.log", work / "run_train.seconds"
+        command = [sys.executable, __file__, CHILD, str(timing), *argv]
+        with log.open("w", encoding="utf-8") as handle:
+            process = (processes or Processes()).start(command, handle, {"HF_DATASETS_CACHE": str(cache)})
+            code = process.wait()
+        if code:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+            raise ValueError(f"{work.name}: run_train.py exited with {code} ({' '.join(tail)}); full log: {log}")
+        seconds = float(timing.read_text())
     logger.info("%s: trained in %.0f s", work.name, seconds)
     return seconds
+
+
+def timed_run_train(argv: list[str]) -> float:
+    """Seconds of one `run_train.main(argv)`, its printed metrics sent to stderr: stdout carries only the table."""
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        run_train.main(argv)
+    return time.perf_counter() - start
+
+
+def child(timing_file: str, argv: list[str]) -> int:
+    """One training of a --jobs run, in its own process: timed as in process, the time written to `timing_file`."""
+
+    def train(argv: list[str]) -> None:
+        Path(timing_file).write_text(f"{timed_run_train(argv)}\n")
+
+    return run(train, argv)
 
 
 def score(args: BenchmarkArguments, model_dir: Path) -> tuple[dict[str, float], float]:
@@ -415,4 +448,6 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [CHILD]:
+        sys.exit(child(sys.argv[2], sys.argv[3:]))
     sys.exit(run(main))

@@ -325,7 +325,8 @@ def prepare(args: SpeedArguments, tokenizer) -> dict:
 def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:,.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        # "-" where a row has no value, e.g. the accuracy of a task the --eval_file does not label
+        cells = [f"{row[c]:,.1f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -391,7 +392,9 @@ def main(argv=None) -> dict:
     report = "\n\n".join(
         [
             table(training, ["system", "samples/s", "mtl speed-up", "peak MiB"]),
-            table(frozen, ["system", "seconds", "speed-up", "peak MiB", "category acc", "sentiment acc"]),
+            table(
+                frozen, ["system", "seconds", "speed-up", "peak MiB", *(f"{t} acc" for t in MultiTaskConfig().tasks)]
+            ),
             table(predicting, ["system", "samples/s", "mtl speed-up", "peak MiB"]),
         ]
     )

@@ -132,9 +132,10 @@ class DataArguments:
     random_truncation_min_length: int | None = field(
         default=None,
         metadata={
-            "help": "Augmentation for long documents: in training, a text that --max_seq_length cuts is cut again at "
-            "a random length between N and --max_seq_length tokens each time it is drawn (its beginning kept), so "
-            "that the model also learns from headline-length text. Default: off."
+            "help": "Augmentation for long documents: in training, a text that --max_seq_length cuts (one that "
+            "reaches --max_seq_length tokens) is cut again at a random length between N and --max_seq_length tokens "
+            "each time it is drawn (its beginning kept), so that the model also learns from headline-length text. "
+            "Default: off."
         },
     )
     max_train_samples: int | None = field(
@@ -330,7 +331,9 @@ class MultiTaskTrainingArguments(TrainingArguments):
                 ) from None
         weights = self.task_weights
         if weights is not None and (not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights)):
-            raise ValueError(f"--task_weights must be finite, non-negative, with at least one above 0, got {weights}.")
+            raise ValueError(
+                f"--task_weights must be non-negative and finite, with at least one above 0, got {weights}."
+            )
         if self.unfreeze_encoder_after_epochs is not None:
             if self.unfreeze_encoder_after_epochs < 1:
                 raise ValueError(

@@ -350,8 +350,9 @@ class MultiTaskDataCollator:
 
 
 class RandomTruncation:
-    """Training-time augmentation for long documents: wraps a collator and, each time a row is drawn, cuts a row that
-    `tokenize` truncated at `max_length` tokens again at a random length between `min_length` and `max_length`.
+    """Training-time augmentation for long documents: wraps a collator and, each time a row is drawn, cuts a row of
+    `max_length` tokens (one that `tokenize` truncated, or, rarely, one exactly that long: the token ids do not tell
+    them apart) again at a random length between `min_length` and `max_length`.
 
     The beginning is kept (for news, the headline and the lead) and a closing special token such as [SEP] is put
     back, so that a topic model trained on long articles also sees text as short as a headline with its first

@@ -112,14 +112,29 @@ class TaskMixingSampler(Sampler[int]):
 
     def _group_by_length(self, drawn: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Within each stretch of 50 batches, cut batches of similar lengths, then shuffle the batches: the mix is
-        kept, long texts (news) and short ones (tweets) no longer pad each other, and tasks still alternate."""
+        kept, long texts (news) and short ones (tweets) no longer pad each other, and tasks still alternate.
+
+        A small task's rows can come up several times in one stretch. Sorted by length alone, the copies of a row
+        would sit side by side and share a batch (the row counted twice in one step); so the first copies are sorted
+        and cut first, then the second copies, and so on."""
         stretch = 50 * self.batch_size
         for start in range(0, len(drawn), stretch):
             part = drawn[start : start + stretch]
-            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            part = part[np.lexsort((-self.lengths[part], copy_numbers(part)))]  # by copy, then longest first
             batches = [part[i : i + self.batch_size] for i in range(0, len(part), self.batch_size)]
             drawn[start : start + stretch] = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
         return drawn
+
+
+def copy_numbers(values: np.ndarray) -> np.ndarray:
+    """For each entry, how many equal entries come before it: [7, 3, 7, 7] -> [0, 0, 1, 2]."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first_of_run = np.r_[True, ordered[1:] != ordered[:-1]]
+    run_start = np.maximum.accumulate(np.where(first_of_run, np.arange(len(values)), 0))
+    copies = np.empty(len(values), dtype=np.int64)
+    copies[order] = np.arange(len(values)) - run_start
+    return copies
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):

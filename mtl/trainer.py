@@ -227,6 +227,17 @@ class MultiTaskTrainer(Trainer):
             return [len(ids) for ids in dataset["input_ids"]]
         return self._token_lengths
 
+    def _get_dataloader(self, *args, is_training: bool = False, **kwargs) -> DataLoader:
+        if is_training or not self.args.dataloader_drop_last:
+            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+        # --dataloader_drop_last is for training batches: the Trainer would also drop the last evaluation and test
+        # rows, and report metrics on fewer rows than the data set has, without a word.
+        self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+        finally:
+            self.args.dataloader_drop_last = True
+
     def _get_eval_sampler(self, eval_dataset: Dataset | None) -> Sampler | None:
         # In row order, so that `predict()` returns its outputs in the data set's order: under group_by_length the
         # Trainer would shuffle evaluation batches by length. Distributed runs shard as the Trainer does (None).

@@ -138,8 +138,8 @@ def test_every_option_has_help():
         ({"mixing_temperature": float("nan")}, "mixing_temperature"),
         ({"mixing_temperature": float("inf")}, "mixing_temperature"),
         ({"lr_step_epochs": float("nan")}, "lr_step_epochs"),
-        ({"task_weights": [1.0, float("nan")]}, "task_weights must be finite"),
-        ({"task_weights": [1.0, float("inf")]}, "task_weights must be finite"),
+        ({"task_weights": [1.0, float("nan")]}, "task_weights must be non-negative and finite"),
+        ({"task_weights": [1.0, float("inf")]}, "task_weights must be non-negative and finite"),
         ({"head_learning_rate": float("inf")}, "head_learning_rate"),
     ],
 )

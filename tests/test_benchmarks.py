@@ -120,9 +120,13 @@ def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir, capsys):
     )
     assert [row["system"] for row in rows] == ["multitask", "single", "frozen"]
     # each system's row is logged as soon as it is scored, so a run cut short keeps what it finished
-    log = capsys.readouterr().err  # the script's own logging setup writes to stderr
+    captured = capsys.readouterr()
+    log = captured.err  # the script's own logging setup writes to stderr
     for row in rows:
         assert f"INFO benchmarks.accuracy: {row['system']}: {{" in log
+    assert captured.out.startswith("| system |") and "train metrics" not in captured.out  # stdout: the table only
+    # the frozen system embedded its rows into a cache of its own run: a cache of an earlier run would save it time
+    assert list((tmp_path / "out" / "frozen" / "datasets-cache" / "mtl_embeddings").glob("*"))
     batch_sizes = {
         name: json.loads((tmp_path / "out" / name / "model" / "trainer_state.json").read_text())["train_batch_size"]
         for name in ("multitask", "single-category", "frozen")
@@ -135,6 +139,11 @@ def test_accuracy_benchmark(tmp_path, bench_dir, tiny_encoder_dir, capsys):
     # the per-task training subsets really hold at most 8 rows per task
     subset = (tmp_path / "out" / "single-category" / "train.jsonl").read_text().splitlines()
     assert len(subset) == 8 and all('"sentiment"' not in line for line in subset)
+    # and a single-task model trains on the multi-task model's rows of its task, not on another sample
+    for task in ("category", "sentiment"):
+        multitask = [json.loads(line) for line in (tmp_path / "out" / "multitask" / "train.jsonl").open()]
+        single = [json.loads(line) for line in (tmp_path / "out" / f"single-{task}" / "train.jsonl").open()]
+        assert [r["text"] for r in multitask if r[task] is not None] == [r["text"] for r in single]
     text = results.read_text()
     assert "| multitask |" in text and "python benchmarks/accuracy.py" in text
 
@@ -192,6 +201,9 @@ def test_accuracy_benchmark_runs_trainings_in_parallel(tmp_path, bench_dir, tiny
     for name in ("multitask", "single-category", "single-sentiment"):
         assert (tmp_path / "jobs3" / name / "model" / "model.safetensors").is_file()
         assert "***** train metrics *****" in (tmp_path / "jobs3" / name / "run_train.log").read_text()
+    # each process timed its own run_train.main, as the in-process path does (interpreter start-up left out)
+    seconds = {name: float((tmp_path / "jobs3" / name / "run_train.seconds").read_text()) for name in ("multitask",)}
+    assert parallel[0]["train_s"] == seconds["multitask"] > 0
 
 
 def test_accuracy_benchmark_reports_a_failed_parallel_run(tmp_path, bench_dir):
@@ -242,6 +254,15 @@ def test_speed_is_timed_on_the_whole_second_epoch():
     timer.times.append(8.0)
     with pytest.raises(ValueError, match="two equal epochs"):
         timer.second_epoch_throughput(rows=30)
+
+
+def test_speed_table_marks_a_missing_value():
+    import speed
+
+    rows = [{"system": "cached", "seconds": 1.5, "category acc": 90.0}]  # an eval file labelling one task only
+    assert speed.table(rows, ["system", "seconds", "category acc", "sentiment acc"]).splitlines()[-1] == (
+        "| cached | 1.5 | 90.0 | - |"
+    )
 
 
 def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):

@@ -178,3 +178,23 @@ def test_mixing_with_lengths_keeps_the_mix_and_cuts_padding():
             shard = BatchSamplerShard(BatchSampler(grouped, 8, False), 2, rank)
             shares.append(topic_share(i for batch in shard for i in batch))
         assert np.mean(shares) == pytest.approx(0.5, abs=0.03)
+
+
+def test_length_grouping_keeps_a_rows_copies_in_different_batches():
+    # 100 rows drawn 632 times an epoch: sorted by length alone, a row's copies sat side by side in one batch
+    # (169 rows counted twice in their step); by copy first, then length, almost none do.
+    rng = np.random.default_rng(0)
+    labels = np.full((5100, 2), IGNORE_INDEX)
+    labels[:100, 0], labels[100:, 1] = 0, 1
+    lengths = rng.integers(5, 60, size=5100)
+    sampler = TaskMixingSampler(labels, "temperature", 2.0, seed=0, lengths=lengths, batch_size=32)
+    order = np.array(list(sampler))
+    assert (order < 100).sum() == 632  # the mix is unchanged
+    batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+    assert sum(len(batch) - len(set(batch.tolist())) for batch in batches) <= 10
+
+
+def test_copy_numbers():
+    from mtl.sampling import copy_numbers
+
+    assert copy_numbers(np.array([7, 3, 7, 7, 3, 1])).tolist() == [0, 0, 1, 2, 1, 0]

@@ -75,6 +75,17 @@ def test_predict_returns_rows_in_dataset_order(tiny_model, make_trainer, tiny_to
                 assert torch.allclose(torch.as_tensor(logits[task][i]), expected[task][0], atol=1e-5)
 
 
+def test_drop_last_drops_training_rows_only(tiny_model, make_trainer):
+    # 16 rows in batches of 5: training drops the last row of each epoch, evaluation and prediction keep all 16.
+    trainer = make_trainer(
+        tiny_model, per_device_train_batch_size=5, per_device_eval_batch_size=5, dataloader_drop_last=True
+    )
+    assert len(trainer.get_train_dataloader()) == 3
+    assert trainer.predict(trainer.eval_dataset).predictions[0].shape == (16, 3)
+    assert len(trainer.get_eval_dataloader()) == 4  # the last batch holds the 16th row
+    assert trainer.args.dataloader_drop_last is True  # lent to evaluation only
+
+
 def test_data_seed_orders_the_batches(tiny_model, make_trainer):
     def first_batch(**overrides) -> list[int]:
         trainer = make_trainer(tiny_model, seed=0, **overrides)
