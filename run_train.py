@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
-from mtl.args import DataArguments, ModelArguments, MultiTaskTrainingArguments
+from mtl.args import DEFAULT_MAX_SEQ_LENGTH, DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.checkpointing import check_output_dir, resolve_checkpoint
 from mtl.cli import parse_arguments, run, setup_logging
 from mtl.configuration import token_limit
@@ -73,7 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_metric_for_best_model(training_args, list(tasks))
     resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)  # before reading any data
+    tokenizer = load_tokenizer(source)
     limit = token_limit(config)
+    # A saved model goes on at the length it was trained at (run_train.py stores it as the tokenizer's), a new one
+    # at 128 or the encoder's limit if that is lower.
+    saved_length = tokenizer.model_max_length if continuing and tokenizer.model_max_length < 1e6 else None
+    default_length = min(DEFAULT_MAX_SEQ_LENGTH, limit or DEFAULT_MAX_SEQ_LENGTH)
+    data_args.set_max_seq_length(data_args.max_seq_length or saved_length or default_length)
     if limit and data_args.max_seq_length > limit:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
 
@@ -96,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             d.select(range(min(data_args.max_eval_samples, len(d)))) if d else d for d in (validation, test)
         )
 
-    # 3. Tokenizer and model.
-    tokenizer = load_tokenizer(source)
+    # 3. The model (the tokenizer was read in step 1).
     # Saved with the model, so that prediction truncates where training did (run_eval, the pipeline, mtl.predict).
     tokenizer.model_max_length = data_args.max_seq_length
     if continuing:

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUTPUT_DIR = "outputs/mtl-minilm"
 ALLOW_PICKLE_HELP = "Also load pickle weights (.bin/.pt), which can run code when loaded: trusted files only."
 STEP_SCHEDULER = "step"
+DEFAULT_MAX_SEQ_LENGTH = 128
 GPU_DATALOADER_WORKERS = 2  # default data loading workers when training on a GPU
 
 
@@ -63,8 +64,19 @@ class ModelArguments:
                 tasks = yaml.load(text, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as error:
                 raise ValueError(f"--tasks could not be parsed as JSON or YAML: {error}") from None
+        if isinstance(tasks, dict):  # numeric label names (star ratings: [1, 2, 3]) are names: the strings "1", ...
+            tasks = {
+                task: [_label_name(label) for label in labels] if isinstance(labels, list) else labels
+                for task, labels in tasks.items()
+            }
         validate_tasks(tasks)
         return tasks
+
+
+def _label_name(label: object) -> object:
+    if isinstance(label, (int, float)) and not isinstance(label, bool):
+        return str(label)
+    return label
 
 
 def _refuse_duplicate_tasks(pairs: list[tuple[str, object]]) -> dict:
@@ -126,8 +138,13 @@ class DataArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})
     text_column: str = field(default="text", metadata={"help": "Name of the column holding the text."})
-    max_seq_length: int = field(
-        default=128, metadata={"help": "Texts are truncated to this many tokens; batches are padded dynamically."}
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Texts are truncated to this many tokens; batches are padded dynamically. Default: "
+            f"{DEFAULT_MAX_SEQ_LENGTH} (or the encoder's limit, if lower), or the length a saved mtl model was "
+            "trained at when training it further."
+        },
     )
     random_truncation_min_length: int | None = field(
         default=None,
@@ -144,6 +161,16 @@ class DataArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N validation/test examples."}
     )
+
+    def set_max_seq_length(self, length: int) -> None:
+        """Set (or, once the model is known, resolve) --max_seq_length, checking the options that depend on it."""
+        if length < 2:
+            raise ValueError(f"--max_seq_length must be at least 2, got {length}.")
+        low = self.random_truncation_min_length
+        if low is not None and not 2 <= low <= length:
+            raise ValueError(f"--random_truncation_min_length must be between 2 and --max_seq_length ({length}), "
+                             f"got {low}.")  # fmt: skip
+        self.max_seq_length = length
 
     def split_files(self, split: str) -> list[str]:
         """The local files of `split` ("train", "validation", "test"): [] for none."""
@@ -163,14 +190,8 @@ class DataArguments:
                 "--train_file names no file; give at least one training file (or leave it at its default with "
                 "--dataset_name)."
             )
-        if self.max_seq_length < 2:
-            raise ValueError(f"--max_seq_length must be at least 2, got {self.max_seq_length}.")
-        low = self.random_truncation_min_length
-        if low is not None and not 2 <= low <= self.max_seq_length:
-            raise ValueError(
-                f"--random_truncation_min_length must be between 2 and --max_seq_length ({self.max_seq_length}), "
-                f"got {low}."
-            )
+        if self.max_seq_length is not None:
+            self.set_max_seq_length(self.max_seq_length)
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -112,6 +112,9 @@ def save_averaged(checkpoints: Sequence[str | Path], output_dir: str | Path) -> 
     output = Path(output_dir)
     if any(Path(c).resolve() == output.resolve() for c in checkpoints):
         raise ValueError(f"--output_dir {output} is one of the checkpoints being averaged; choose a new folder.")
+    held = [name for name in ("config.json", WEIGHTS_NAME) if (output / name).exists()]
+    if held:  # its model card, results and checkpoints would stay behind, describing another model
+        raise ValueError(f"--output_dir {output} already holds a model ({', '.join(held)}); choose a new folder.")
     averaged = average_state_dicts(checkpoints)
     output.mkdir(parents=True, exist_ok=True)
     newest = Path(checkpoints[-1])

@@ -4,6 +4,7 @@ The Trainer writes a checkpoint's files one after the other and `trainer_state.j
 it (or without weights) was cut short while saving: it is never picked for resuming.
 """
 
+import json
 import logging
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from .configuration import MultiTaskConfig
 
@@ -133,6 +134,34 @@ def check_checkpoint_tasks(checkpoint: str | Path, tasks: dict[str, list[str]]) 
             f"--resume_from_checkpoint {checkpoint} was trained with tasks {saved}, but this run's model has {tasks}; "
             "resume with the same --tasks and --model_name_or_path as the run that wrote it."
         )
+
+
+def check_checkpoint_fits(checkpoint: str | Path, args: TrainingArguments) -> None:
+    """A resumed run must continue the run that wrote the checkpoint: with another batch size its steps would be
+    reread as another amount of data, and a run whose length the checkpoint already reached would train nothing and
+    save the checkpoint's model under this run's settings."""
+    path = Path(checkpoint, "trainer_state.json")
+    if not path.is_file():
+        return
+    state = json.loads(path.read_text(encoding="utf-8"))
+    fresh = f"or start a new run from its weights with --model_name_or_path {checkpoint}"
+    saved_batch = state.get("train_batch_size")
+    if saved_batch and saved_batch != args.train_batch_size:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained at a batch size of {saved_batch} per device, this run "
+            f"has {args.train_batch_size}: resume with --per_device_train_batch_size {saved_batch}, {fresh}."
+        )
+    step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
+    if args.max_steps > 0 and step >= args.max_steps:
+        done, asked = f"{step} steps", f"--max_steps {args.max_steps}"
+    elif args.max_steps <= 0 and epoch >= args.num_train_epochs - 1e-9:
+        done, asked = f"{epoch:g} epochs", f"--num_train_epochs {args.num_train_epochs:g}"
+    else:
+        return
+    raise ValueError(
+        f"--resume_from_checkpoint {checkpoint} has already trained {done}, so {asked} leaves nothing to train: "
+        f"ask for more, {fresh}."
+    )
 
 
 class TrainingInterrupted(Exception):

@@ -30,7 +30,12 @@ DEBUG_ENV = "MTL_DEBUG"
 def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
     """Parse command-line flags, or a single JSON/YAML file holding all of them (as {flag name: value})."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
+    if argv and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES) and not argv[0].startswith("-"):
+        if len(argv) > 1:  # argparse would say only that the file name is an unused argument
+            raise ValueError(
+                f"a config file ({argv[0]}) must be the only argument; write {argv[1]} into it, or pass every "
+                "option as a flag."
+            )
         return parser.parse_dict(read_config_file(Path(argv[0]), parser))
     return parser.parse_args_into_dataclasses(args=argv)
 

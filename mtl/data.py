@@ -203,6 +203,8 @@ def encode_rows(
     rows: Iterable[tuple[int, dict]], source: str, tasks: dict[str, list[str]], text_column: str = "text"
 ) -> dict[str, list]:
     """Check rows and turn them into columns: the text, and `labels` (one id per task, -100 where unlabelled)."""
+    if text_column in tasks:  # one column cannot hold both the text and that task's labels
+        raise DataError(f"--text_column {text_column!r} is also a task name; rename the task or the text column.")
     texts, labels = [], []
     for number, row in rows:
         where = f"{source}: row {number}"
@@ -309,7 +311,8 @@ def require_labels(
     if empty:
         raise DataError(
             f"{source}: no row has a label for task(s) {empty} (labelled rows per task: {counts}); add a column "
-            f"named after each task, or leave the task out with --tasks, or freeze its head with --freeze."
+            f"named after each task, or freeze its head with --freeze (or, for a new model, leave the task out with "
+            "--tasks)."
         )
 
 

@@ -358,6 +358,13 @@ def register_auto_classes() -> None:
     MultiTaskModel.register_for_auto_class("AutoModel")
 
 
+# What a saved tokenizer writes, whatever its kind (WordPiece, BPE, SentencePiece, fast or slow).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "special_tokens_map.json",
+)  # fmt: skip
+
+
 def _check_source(name_or_path: str | os.PathLike) -> None:
     """A name that is no local directory and cannot be a Hub id either (an absolute path, ./x, a/b/c) is a missing
     directory: say so, instead of the Hub's error about repository names (after its network retries)."""
@@ -389,6 +396,8 @@ def load_config(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedConfig:
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model or encoder (a directory or Hub id), with a clear error when there is none."""
     _check_source(name_or_path)
+    if os.path.isdir(name_or_path) and not any(Path(name_or_path, f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(_no_tokenizer_message(name_or_path, "no tokenizer files"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
@@ -398,11 +407,16 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     # Without vocabulary files transformers still builds a tokenizer from the config, holding only its special
     # tokens: every word would become [UNK] and the model would train on nothing, silently.
     if len(tokenizer) <= len(tokenizer.all_special_ids):
-        raise FileNotFoundError(
-            f"{str(name_or_path)!r} has no tokenizer files (only {len(tokenizer)} special tokens were found); save "
-            "the encoder's tokenizer there with tokenizer.save_pretrained, or point to a directory that has one."
-        )
+        found = f"no tokenizer files (only {len(tokenizer)} special tokens were found)"
+        raise FileNotFoundError(_no_tokenizer_message(name_or_path, found))
     return tokenizer
+
+
+def _no_tokenizer_message(name_or_path: str | os.PathLike, found: str) -> str:
+    return (
+        f"{str(name_or_path)!r} has {found}; save the encoder's tokenizer there with tokenizer.save_pretrained (a "
+        "model saved by MultiTaskModel.save_pretrained alone has none), or point to a directory that has one."
+    )
 
 
 def load_multitask_model(name_or_path: str | os.PathLike, allow_pickle: bool = False, **kwargs) -> MultiTaskModel:

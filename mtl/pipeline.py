@@ -70,6 +70,9 @@ class MultiTaskPipeline:
         # bf16 autocast on GPUs that support it: about twice the throughput, labels unchanged in practice.
         self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         limit = token_limit(model.config) or 512
+        if max_length is not None and max_length > limit:
+            logger.warning("max_length %d exceeds the encoder's limit of %d tokens: texts are cut at %d.", max_length,
+                           limit, limit)  # fmt: skip
         # A tokenizer without a recorded length reports a huge `model_max_length`: the position limit caps it.
         self.max_length = min(max_length or tokenizer.model_max_length or limit, limit)
 
@@ -83,8 +86,8 @@ class MultiTaskPipeline:
     ) -> "MultiTaskPipeline":
         """From a directory written by `run_train.py`/`save_pretrained`, or a Hub id (safetensors weights only
         unless `allow_pickle`)."""
+        tokenizer = load_tokenizer(name_or_path)  # first: a missing tokenizer is found before the weights are read
         model = load_multitask_model(name_or_path, allow_pickle=allow_pickle)
-        tokenizer = load_tokenizer(name_or_path)
         return cls(model, tokenizer, device=device, **kwargs)
 
     @property

@@ -19,6 +19,7 @@ from .caching import EMBEDDINGS_COLUMN, cache_embeddings
 from .checkpointing import (
     GracefulStop,
     TrainingInterrupted,
+    check_checkpoint_fits,
     check_checkpoint_tasks,
     check_output_dir,
     checkpoint_step,
@@ -251,6 +252,13 @@ class MultiTaskTrainer(Trainer):
         if after:
             # The callback keeps the encoder out of training; its parameters stay trainable for the optimizer and DDP.
             check_freeze(spec, self.model.config.task_names, after)
+            if self.args.max_steps <= 0 and after >= self.args.num_train_epochs:
+                logger.warning(
+                    "--unfreeze_encoder_after_epochs %d with --num_train_epochs %g: the encoder stays frozen for the "
+                    "whole run.",
+                    after,
+                    self.args.num_train_epochs,
+                )
             parts = [part for part in parse_freeze(spec) if part not in ("none", "encoder")]
             spec = ",".join(parts) or "none"
             self.add_callback(UnfreezeEncoderCallback(after))
@@ -269,12 +277,23 @@ class MultiTaskTrainer(Trainer):
         self._cache_frozen_embeddings()
         if resume is not None:
             check_checkpoint_tasks(resume, self.model.config.tasks)
+            check_checkpoint_fits(resume, self.args)
         elif overwrite and self.args.should_save:
             remove_earlier_run(self.args.output_dir)
         stopper = GracefulStop()
         self.add_callback(stopper)
         try:
             result = super().train(resume_from_checkpoint=resume, **kwargs)
+        except ValueError as error:
+            if resume is None or "parameter group" not in str(error):
+                raise
+            # torch's own words ("loaded state dict has a different number of parameter groups") say nothing of why.
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: its optimizer state does not fit this run's parameter groups "
+                "(--freeze, --unfreeze_encoder_after_epochs, --layerwise_lr_decay or --head_learning_rate differ from "
+                f"the run that wrote it); resume with that run's options, or start a new run from its weights with "
+                f"--model_name_or_path {resume}."
+            ) from None
         finally:  # on_train_end is not called when training raises: leave no handler or hook behind
             self.remove_callback(stopper)
             stopper.restore()

@@ -79,6 +79,13 @@ def test_a_config_file_may_write_tasks_as_a_mapping_lists_and_nulls(tmp_path):
     assert training_args.report_to == ["tensorboard"]  # a list where the dataclass takes one
 
 
+def test_a_config_file_must_be_the_only_argument(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("seed: 3\n")
+    with pytest.raises(ValueError, match=r"a config file \(.*config.yaml\) must be the only argument; write "):
+        parse_arguments(parser(), [str(path), "--num_train_epochs", "3"])
+
+
 def test_a_config_file_may_give_one_value_for_a_list_option(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("task_weights: 2.0\ntrain_file: a.csv\n")
@@ -107,7 +114,7 @@ def test_defaults_train_minilm_on_the_default_data():
     assert model_args.model_name_or_path is None  # the packaged all-MiniLM-L6-v2
     assert data_args.train_file == ["data/train.jsonl"]
     assert data_args.validation_file == "data/validation.jsonl"
-    assert data_args.max_seq_length == 128
+    assert data_args.max_seq_length is None  # 128 for a new model, the saved length for a saved one (run_train)
     assert training_args.output_dir == "outputs/mtl-minilm"
     assert training_args.eval_strategy == "epoch"
 
@@ -180,6 +187,8 @@ def test_tasks_from_json_text_and_files(tmp_path):
         ModelArguments(tasks="missing.yaml").parsed_tasks()
     with pytest.raises(ValueError, match="at least 2"):
         ModelArguments(tasks='{"topic": ["one"]}').parsed_tasks()
+    # numbers are label names, as the data's numeric labels are read (star ratings)
+    assert ModelArguments(tasks='{"stars": [1, 2, 3]}').parsed_tasks() == {"stars": ["1", "2", "3"]}
     tabbed = tmp_path / "tabbed.json"  # valid JSON that PyYAML cannot read
     tabbed.write_text('{\n\t"topic": ["World", "Sports"]\n}\n')
     assert ModelArguments(tasks=str(tabbed)).parsed_tasks() == {"topic": ["World", "Sports"]}

@@ -176,3 +176,11 @@ def test_cli_writes_a_loadable_averaged_model(tiny_model, make_trainer, tmp_path
         main(["--checkpoints", checkpoints[0], "--output_dir", str(tmp_path / "one")])
     with pytest.raises(ValueError, match="is one of the checkpoints"):
         main(["--checkpoints", *checkpoints, "--output_dir", checkpoints[0]])
+    # a folder holding another model: its card and results would stay behind, describing the wrong weights
+    tiny_model.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"already holds a model \(config.json, model.safetensors\); choose a new"):
+        main(["--checkpoints", *checkpoints, "--output_dir", str(tmp_path / "other")])
+    before = (output / WEIGHTS_NAME).read_bytes()
+    with pytest.raises(ValueError, match="already holds a model"):  # nor its own earlier output
+        main(["--checkpoints", *checkpoints, "--output_dir", str(output)])
+    assert (output / WEIGHTS_NAME).read_bytes() == before

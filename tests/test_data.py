@@ -148,6 +148,12 @@ def test_bad_input_names_file_row_and_value(tmp_path, name, content, message):
         load_files(path, TASKS)
 
 
+def test_a_task_named_like_the_text_column_is_refused(tmp_path):
+    path = write(tmp_path, "r.jsonl", '{"review": "great phone", "category": "Tech"}\n')
+    with pytest.raises(DataError, match="--text_column 'review' is also a task name"):
+        load_files(path, {"review": ["good", "bad"]}, text_column="review")
+
+
 def test_json_lines_strings_may_hold_unicode_line_separators(tmp_path):
     texts = ["first\u2028line", "next\u2029paragraph\x85end"]  # valid raw inside JSON strings
     lines = "".join(json.dumps({"text": t, "category": "Tech"}, ensure_ascii=False) + "\n" for t in texts)

@@ -115,6 +115,12 @@ def test_gradual_unfreezing_with_every_head_frozen_is_refused_before_training(ti
     assert make_trainer(tiny_model, freeze="category", unfreeze_encoder_after_epochs=1).args.ddp_find_unused_parameters
 
 
+def test_unfreezing_after_the_last_epoch_is_a_warning(tiny_model, make_trainer, caplog):
+    with caplog.at_level("WARNING", logger="mtl.trainer"):
+        make_trainer(tiny_model, unfreeze_encoder_after_epochs=2, num_train_epochs=2)
+    assert "the encoder stays frozen for the whole run" in caplog.text
+
+
 @pytest.mark.parametrize(("epoch", "frozen"), [(0.0, True), (1.5, True), (1.9999, True), (2.0, False), (2.5, False)])
 def test_gradual_unfreezing_counts_whole_epochs_when_resumed_mid_epoch(epoch, frozen):
     callback = UnfreezeEncoderCallback(after_epochs=2)

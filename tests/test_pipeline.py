@@ -56,6 +56,12 @@ def test_streaming_gives_the_same_results(clf):
     assert list(clf.iter_predictions(TEXTS[0])) == clf(TEXTS[0])  # one text, not one per character
 
 
+def test_a_length_above_the_encoders_limit_is_capped_with_a_warning(tiny_model, tiny_tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="mtl.pipeline"):
+        clf = MultiTaskPipeline(tiny_model, tiny_tokenizer, device="cpu", max_length=1000)
+    assert clf.max_length == 64 and "max_length 1000 exceeds the encoder's limit of 64 tokens" in caplog.text
+
+
 def test_very_long_text_is_truncated(clf):
     (result,) = clf([" ".join(["phone"] * 5000)])
     assert result["category"] in clf.tasks["category"]

@@ -146,6 +146,16 @@ def test_an_encoder_without_tokenizer_files_is_refused(tmp_path, tiny_encoder_di
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_saved_without_its_tokenizer_is_one_clear_error(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "model-only")  # the model alone: no tokenizer was saved with it
+    capsys.readouterr()  # save_pretrained's progress bar
+    argv = ["--model_name_or_path", str(tmp_path / "model-only"), "--output_dir", str(tmp_path / "eval")]
+    assert run(run_eval.main, argv) == 1
+    err = capsys.readouterr().err
+    assert "'" + str(tmp_path / "model-only") + "' has no tokenizer files; save the encoder's tokenizer" in err
+    assert err.count("\n") == 1
+
+
 # ---- bad arguments: one line, nothing written ----
 
 

@@ -305,3 +305,16 @@ def test_eval_without_a_trained_default_model_says_to_train_one(tmp_path, monkey
     assert "outputs/mtl-minilm: no such model directory; train one with `python run_train.py` first" in (
         capsys.readouterr().err
     )
+
+
+def test_a_saved_model_trains_on_at_its_own_length(tmp_path, tiny_encoder_dir, data_dir):
+    first = tmp_path / "first"
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, first, "--num_train_epochs", "1", "--max_seq_length", "24"))
+    flags = train_flags(first, data_dir, tmp_path / "second", "--num_train_epochs", "1")
+    flags = flags[: flags.index("--max_seq_length")]  # not given: the saved model's 24, not the default 128
+    run_train.main(flags)
+    config = json.loads((tmp_path / "second" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 24
+    new = train_flags(tiny_encoder_dir, data_dir, tmp_path / "new", "--num_train_epochs", "1")
+    run_train.main(new[: new.index("--max_seq_length")])  # a new model: 128, or the encoder's limit (64 here)
+    assert json.loads((tmp_path / "new" / "tokenizer_config.json").read_text())["model_max_length"] == 64

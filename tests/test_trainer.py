@@ -287,6 +287,26 @@ def test_the_trainer_resumes_the_hf_way_and_refuses_to_mix_runs(tiny_model, make
 
 
 @pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # 2 steps of 8 would be reread as 4 of 4 rows: another run, not this one continued
+        ({"per_device_train_batch_size": 4}, r"trained at a batch size of 8 per device, this run has 4"),
+        ({"num_train_epochs": 1}, r"has already trained 1 epochs, so --num_train_epochs 1 leaves nothing to train"),
+        ({"max_steps": 2}, r"has already trained 2 steps, so --max_steps 2 leaves nothing to train"),
+        # other parameter groups: torch's own error would not say why
+        ({"freeze": "encoder"}, r"its optimizer state does not fit this run's parameter groups \(--freeze"),
+        ({"layerwise_lr_decay": 0.5}, r"its optimizer state does not fit"),
+    ],
+)
+def test_a_resumed_run_must_continue_the_run_that_wrote_the_checkpoint(tiny_model, make_trainer, overrides, message):
+    first = make_trainer(tiny_model, save_strategy="epoch", num_train_epochs=1)
+    first.train()  # out/checkpoint-2, one epoch of 16 rows at 8
+    settings = {"save_strategy": "epoch", "num_train_epochs": 3, **overrides}
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tiny_model, **settings).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize(
     ("metric", "greater"),
     [
         ("loss_category", False),
