@@ -73,7 +73,7 @@ def _typed(parser: HfArgumentParser, path: Path, name: str, value: object) -> ob
             items = [action.type(_flag_value(item)) for item in items]
         except (TypeError, ValueError, argparse.ArgumentTypeError):  # the last from transformers' string_to_bool
             kind = getattr(action.type, "__name__", "value")
-            kind = "boolean (true or false)" if "bool" in kind else kind  # transformers' string_to_bool
+            kind = "boolean (true or false)" if "bool" in kind else kind
             raise ValueError(f"config file {path}: {name}: {value!r} is not a valid {kind}.") from None
     wrong = [item for item in items if action.choices and item not in action.choices]
     if wrong:

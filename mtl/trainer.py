@@ -61,7 +61,8 @@ def check_metric_for_best_model(
     args: TrainingArguments, task_names: list[str], eval_set_names: Sequence[str] = ()
 ) -> None:
     """--metric_for_best_model must be a metric evaluation logs: the Trainer would only find out at the first
-    evaluation, an epoch into training. With several evaluation sets (a dict), their names prefix the metrics."""
+    evaluation, an epoch into training. With several evaluation sets (a dict), their names prefix the metrics. A
+    task's loss is set to count as better when lower (`args.greater_is_better = False`), as the total loss does."""
     name = args.metric_for_best_model
     if name is None:
         return
