@@ -155,14 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("Test results:\n%s", format_summary(tasks, metrics["test"], prefix="test_"))
 
     # 6. The model card (README.md); with --push_to_hub, the output directory is pushed to the Hub in one commit.
-    if hub_push is not None:
-        push_to_hub(trainer, hub_push, dataset=data_sources(data_args))
-    else:
-        trainer.create_model_card(dataset=data_sources(data_args))
-
-    # Under `accelerate launch`, the other processes wait for the main one's writing before they leave the process
-    # group (`run`, below, leaves it); a no-op in a single process.
-    trainer.accelerator.wait_for_everyone()
+    try:
+        if hub_push is not None:
+            push_to_hub(trainer, hub_push, dataset=data_sources(data_args))
+        else:
+            trainer.create_model_card(dataset=data_sources(data_args))
+    finally:
+        # Under `accelerate launch`, the other processes wait for the main one's writing (or its failed push) before
+        # they leave the process group (`run`, below, leaves it); a no-op in a single process.
+        trainer.accelerator.wait_for_everyone()
     return metrics
 
 

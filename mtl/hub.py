@@ -2,17 +2,20 @@
 
 import logging
 import os
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import httpx, validate_repo_id
 from transformers import TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from .args import STEP_SCHEDULER, DataArguments
+from .checkpointing import RUN_RESULT_FILES
 from .cli import first_line
 from .configuration import MultiTaskConfig
 from .modeling import DEFAULT_ENCODER_HUB_ID, default_encoder_path, resolve_encoder_name
@@ -54,6 +57,13 @@ def detach_hub_push(args: TrainingArguments) -> HubPush | None:
     training, and write the token into each `training_args.bin`. Instead `push_to_hub` pushes once, after the model
     and its results are saved. `hub_model_id`, `hub_private_repo` and `hub_revision` stay in `args` and apply.
     """
+    # The Trainer's default, every_save, and `end` both mean "the model" here; these ask for checkpoints on the Hub.
+    checkpoints = (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
+    if args.push_to_hub and (args.hub_strategy in checkpoints or args.hub_always_push):
+        raise ValueError(
+            f"--hub_strategy {HubStrategy(args.hub_strategy).value} / --hub_always_push: mtl pushes once, after "
+            "training (model, tokenizer, card and results; checkpoints stay local); leave both at their defaults."
+        )
     push = HubPush(token=args.hub_token) if args.push_to_hub else None
     args.push_to_hub = False
     args.hub_token = None
@@ -67,19 +77,38 @@ def push_to_hub(trainer: "MultiTaskTrainer", push: HubPush, dataset: DataSources
     A Hub or network failure becomes one `ValueError` that says what went wrong and how to upload the saved model
     later; the local files are left as they are.
     """
-    # Written before the upload too (which rewrites it), so that a failed push still leaves the card for a later one.
-    trainer.create_model_card(dataset=dataset)
+    if not trainer.is_world_process_zero():
+        return None
+    args = trainer.args
+    # Written before the upload too, under the name the upload will use, so that a failed push leaves a card that is
+    # ready for the `hf upload` the error message suggests.
+    trainer.create_model_card(dataset=dataset, model_name=_repo_name(trainer))
     try:
-        commit = trainer.push_to_hub(commit_message="End of training", token=push.token, dataset=dataset)
+        trainer.init_hf_repo(token=push.token)  # created if new (private with --hub_private_repo); the full id
+        trainer.create_model_card(dataset=dataset)
+        commit = HfApi().upload_folder(
+            repo_id=trainer.hub_model_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            token=push.token,
+            revision=args.hub_revision,
+            ignore_patterns=["_*", "checkpoint-*"],
+            # An earlier push's results that this run did not write (no test set this time) would stay beside the
+            # new model and describe another one.
+            delete_patterns=[name for name in RUN_RESULT_FILES if not Path(args.output_dir, name).exists()] or None,
+        )
     except Exception as error:
         cause = _hub_failure(error)
         if cause is None:
             raise
         raise ValueError(_push_error_message(cause, trainer, push.token)) from error
-    if commit is None:
-        return None
-    logger.info("Pushed %s to %s", trainer.args.output_dir, commit.commit_url)
+    logger.info("Pushed %s to %s", args.output_dir, commit.commit_url)
     return commit.commit_url
+
+
+def _repo_name(trainer: "MultiTaskTrainer") -> str:
+    """The repository a push goes to: --hub_model_id, or the output directory's name (as the Trainer names it)."""
+    return trainer.hub_model_id or trainer.args.hub_model_id or Path(trainer.args.output_dir).absolute().name
 
 
 def _hub_failure(error: BaseException | None) -> BaseException | None:
@@ -93,11 +122,17 @@ def _hub_failure(error: BaseException | None) -> BaseException | None:
 
 
 def _push_error_message(error: BaseException, trainer: "MultiTaskTrainer", token: str | None) -> str:
-    output_dir = trainer.args.output_dir
-    repo_id = trainer.hub_model_id or trainer.args.hub_model_id or Path(output_dir).absolute().name
+    args = trainer.args
+    # The command as this push would have made it: private and on its branch if asked (`hf upload` creates a
+    # missing repository public otherwise).
+    command = ["hf", "upload", _repo_name(trainer), str(args.output_dir), "--exclude", "checkpoint-*"]
+    if args.hub_private_repo:
+        command.append("--private")
+    if args.hub_revision:
+        command += ["--revision", args.hub_revision]
     message = (
-        f"pushing to the Hub failed: {_failure_reason(error)}. The trained model is saved in {output_dir}; upload "
-        f"it later with `hf upload {repo_id} {output_dir} --exclude 'checkpoint-*'`."
+        f"pushing to the Hub failed: {_failure_reason(error)}. The trained model is saved in {args.output_dir}; "
+        f"upload it later with `{shlex.join(command)}`."
     )
     # Server messages may echo what they were sent; the token must not reach a terminal or a log.
     return message.replace(token, "<HUB_TOKEN>") if token else message

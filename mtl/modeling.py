@@ -85,8 +85,11 @@ def task_cross_entropy(
     labels: torch.Tensor,
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy averaged over the labelled examples; exactly 0 (not NaN) when the batch has none."""
+    """Cross-entropy averaged over the labelled examples; exactly 0 (not NaN) when the batch has none. A given
+    `denominator` (see `label_weight_sum`, e.g. over every batch of a gradient accumulation window) replaces this
+    batch's own."""
     losses = F.cross_entropy(
         logits.float(),
         labels,
@@ -95,13 +98,19 @@ def task_cross_entropy(
         label_smoothing=label_smoothing,
         reduction="none",
     )
-    labelled = labels != IGNORE_INDEX
-    if class_weights is None:
-        denominator = labelled.sum()
-    else:  # the weighted mean, as `F.cross_entropy(weight=...)` defines it
-        denominator = class_weights[labels.clamp(min=0)].masked_fill(~labelled, 0.0).sum()
+    if denominator is None:
+        denominator = label_weight_sum(labels, class_weights)
     # No branch on the data: the same graph runs for every batch (torch.compile- and DDP-friendly).
     return losses.sum() / denominator.clamp(min=1e-12)
+
+
+def label_weight_sum(labels: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """What a task's mean cross-entropy divides by: its labelled examples, or with class weights their summed weights
+    (the weighted mean, as `F.cross_entropy(weight=...)` defines it)."""
+    labelled = labels != IGNORE_INDEX
+    if class_weights is None:
+        return labelled.sum()
+    return class_weights[labels.clamp(min=0)].masked_fill(~labelled, 0.0).sum()
 
 
 def labels_to_tensor(labels: torch.Tensor | Mapping[str, torch.Tensor], task_names: Sequence[str]) -> torch.Tensor:
@@ -132,12 +141,20 @@ def multitask_loss(
     task_weights: Sequence[float] | None = None,
     class_weights: Sequence[torch.Tensor | None] | None = None,
     label_smoothing: float = 0.0,
+    denominators: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Weighted sum of the per-task cross-entropies; returns the total and the unweighted per-task losses."""
+    """Weighted sum of the per-task cross-entropies; returns the total and the unweighted per-task losses. Each task's
+    mean is over this batch's labelled examples, or divides by `denominators[task]` when given."""
     task_weights = task_weights or [1.0] * len(logits)
     class_weights = class_weights or [None] * len(logits)
     per_task = [
-        task_cross_entropy(task_logits, labels[:, i], class_weights[i], label_smoothing)
+        task_cross_entropy(
+            task_logits,
+            labels[:, i],
+            class_weights[i],
+            label_smoothing,
+            None if denominators is None else denominators[i],
+        )
         for i, task_logits in enumerate(logits)
     ]
     total = sum(weight * loss for weight, loss in zip(task_weights, per_task, strict=True))

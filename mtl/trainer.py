@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.trainer_utils import TrainOutput, has_length
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
@@ -38,7 +39,7 @@ from .freezing import (
 )
 from .hub import write_model_card
 from .metrics import build_compute_metrics, metric_names
-from .modeling import IGNORE_INDEX, MultiTaskOutput, labels_to_tensor, multitask_loss
+from .modeling import IGNORE_INDEX, MultiTaskOutput, label_weight_sum, labels_to_tensor, multitask_loss
 from .sampling import EpochSeededLengthGroupedSampler, TaskMixingSampler, balanced_class_weights
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,9 @@ class MultiTaskTrainer(Trainer):
     """
 
     args: MultiTaskTrainingArguments
-    # compute_loss returns a per-example mean, so the Trainer must divide by the gradient accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss divides each task's loss by its labelled examples in the whole gradient accumulation window (see
+    # `_get_num_items_in_batch`): the Trainer must not divide by the accumulation steps again.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args: MultiTaskTrainingArguments | None = None, train_data_collator=None, **kwargs):
         """`train_data_collator`, if given, collates the training batches only (e.g. with augmentation such as
@@ -197,14 +199,20 @@ class MultiTaskTrainer(Trainer):
             # The stock sampler reads token lengths from input_ids, which cached embeddings replaced: lend it those
             # the rows had, in the column it reads first.
             lengths = self._token_lengths
-            return super()._get_train_sampler(dataset.add_column(self.args.length_column_name, lengths))
+            return self._seeded(super()._get_train_sampler(dataset.add_column(self.args.length_column_name, lengths)))
         elif not grouped:
-            return super()._get_train_sampler(train_dataset)
+            return self._seeded(super()._get_train_sampler(train_dataset))
         elif lengths is None:
             return RandomSampler(dataset)
         else:
             sampler = EpochSeededLengthGroupedSampler(batch_size, lengths, seed=self._data_seed)
         self._epoch_seeded_sampler = sampler
+        return sampler
+
+    def _seeded(self, sampler: Sampler | None) -> Sampler | None:
+        """transformers builds its batch_rebalance sampler with a fixed seed (42): give it the run's, as ours have."""
+        if isinstance(sampler, BatchRebalanceSampler):
+            sampler.seed = self._data_seed
         return sampler
 
     def _lend_lengths(self, dataset: Dataset) -> bool:
@@ -452,36 +460,64 @@ class MultiTaskTrainer(Trainer):
             return num_training_steps
         return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Per task, what its mean loss divides by in this gradient accumulation window: its labelled examples (their
+        class weights, with --class_weights) in all the window's batches, summed over the processes. Each example then
+        counts the same whichever batch or process it lands in, as in one batch of the window's size; divided batch by
+        batch, a task's single example in one batch would weigh as much as its eight in the next."""
+        if not batch_samples or any("labels" not in batch for batch in batch_samples) or self.args.n_gpu > 1:
+            return None  # (DataParallel splits each batch again: compute_loss falls back to per-batch means)
+        weights = self.class_weights or [None] * len(self.task_names)
+        sums = torch.zeros(len(self.task_names), device=device)
+        for batch in batch_samples:
+            labels = labels_to_tensor(batch["labels"], self.task_names).to(device)
+            for index, task_weights in enumerate(weights):
+                sums[index] += label_weight_sum(labels[:, index], task_weights)
+        if self.args.world_size > 1:
+            sums = self.accelerator.gather(sums).view(-1, len(self.task_names)).sum(dim=0)
+        for index, task in enumerate(self.task_names):  # the optimizer steps that train each task, for its log
+            self._task_loss_counts[task] += (sums[index] > 0).float()
+        return sums
+
     def compute_loss(
         self, model, inputs, return_outputs=False, num_items_in_batch=None
     ) -> torch.Tensor | tuple[torch.Tensor, MultiTaskOutput]:
         # Not popped: the Trainer's prediction_step reads the labels from `inputs` again.
         outputs = model(**{name: value for name, value in inputs.items() if name != "labels"})
         labels = labels_to_tensor(inputs["labels"], self.task_names)
+        windowed = model.training and torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() == 1
         loss, per_task = multitask_loss(
             outputs.logits,
             labels,
             task_weights=self.task_weights,
             class_weights=self.class_weights,
             label_smoothing=self.args.label_smoothing_factor,
+            denominators=num_items_in_batch if windowed else None,
         )
         if model.training:
-            # A batch without labels for a task has no loss for it (0 in `per_task`): it must not pull its mean down.
-            labelled = (labels != IGNORE_INDEX).any(dim=0)
+            # (set by the training loop; a call from outside it, e.g. a test, gets the configured number)
+            steps = 1 if windowed else getattr(self, "current_gradient_accumulation_steps", None)
+            steps = steps or self.args.gradient_accumulation_steps
+            # Summed over a window's batches (and processes) these are each task's mean loss of the optimizer step.
             for index, (task, task_loss) in enumerate(zip(self.task_names, per_task, strict=True)):
-                self._task_loss_sums[task] += task_loss.detach()
-                self._task_loss_counts[task] += labelled[index]
+                self._task_loss_sums[task] += task_loss.detach() / steps
+                if not windowed:
+                    self._task_loss_counts[task] += (labels[:, index] != IGNORE_INDEX).any().float() / steps
+            # With window denominators summed over the processes, DDP's mean of their gradients is P times too small,
+            # as in the Trainer's own `average_tokens_across_devices`; per-batch means are scaled for accumulation.
+            loss = loss * self.accelerator.num_processes if windowed else loss / steps
         outputs.loss = loss
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._task_loss_counts:  # a training log: add each task's mean loss since the last one
             for task in self.task_names:
-                # Summed over processes before dividing: a process may have seen no batch of a task.
+                # The processes' parts of each step's mean add up; the steps that trained the task are counted alike
+                # on every process (from the window's denominators, summed over the processes).
                 total = self.accelerator.gather(self._task_loss_sums[task]).sum()
-                batches = self.accelerator.gather(self._task_loss_counts[task]).sum()
-                if batches > 0:
-                    logs[f"loss_{task}"] = round((total / batches).item(), 4)
+                steps = self._task_loss_counts[task]
+                if steps > 0:
+                    logs[f"loss_{task}"] = round((total / steps).item(), 4)
             self._task_loss_sums.clear()
             self._task_loss_counts.clear()
         super().log(logs, start_time)

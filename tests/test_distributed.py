@@ -105,3 +105,32 @@ def test_two_process_resume_mid_epoch_ends_with_the_uninterrupted_model(tmp_path
     full = load_file(tmp_path / "full" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(full[key], resumed[key]) for key in full)
+
+
+def test_two_processes_make_the_same_step_as_one_process_with_their_batches_together(tmp_path, tiny_encoder_dir):
+    import run_train
+
+    # No dropout, so that both runs compute the same gradients.
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder_dir, encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                     "attention_probs_dropout_prob": 0.0}))  # fmt: skip
+    rows = make_rows(8)
+    for row in rows[:3]:  # rank 0's 4 rows hold one sentiment label, rank 1's four
+        row["sentiment"] = None
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    # fmt: off
+    step = ["--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "0",
+            "--lr_scheduler_type", "constant", "--train_sampling_strategy", "sequential", "--classifier_dropout", "0",
+            "--save_strategy", "no", "--class_weights", "balanced"]
+    # fmt: on
+    launch(encoder, train, tmp_path / "two", *step)  # 4 rows a process
+    run_train.main(
+        ["--model_name_or_path", str(encoder), "--train_file", str(train), "--validation_file", "", "--test_file", "",
+         "--output_dir", str(tmp_path / "one"), "--use_cpu", "--per_device_train_batch_size", "8",
+         "--max_seq_length", "32", "--disable_tqdm", "true", *step]
+    )  # fmt: skip
+    two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

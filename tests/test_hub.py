@@ -330,3 +330,65 @@ def test_failed_push_is_one_error_line_and_keeps_the_model(tiny_encoder_dir, dat
     assert len(local_logits(output)) == 2  # the saved model still loads and predicts
     assert_token_absent(completed.stdout, completed.stderr, directory=output)
     assert torch.load(output / "training_args.bin", weights_only=False).hub_token is None
+
+
+def test_checkpoint_pushes_are_refused_before_training(tmp_path):
+    for settings in ({"hub_strategy": "all_checkpoints"}, {"hub_strategy": "checkpoint"}, {"hub_always_push": True}):
+        args = MultiTaskTrainingArguments(output_dir=str(tmp_path), push_to_hub=True, use_cpu=True, **settings)
+        with pytest.raises(ValueError, match="mtl pushes once, after training"):
+            detach_hub_push(args)
+    # the Trainer's default strategy (every_save) and `end` both push the model once
+    assert detach_hub_push(MultiTaskTrainingArguments(output_dir=str(tmp_path), push_to_hub=True, use_cpu=True))
+
+
+@pytest.mark.slow
+def test_a_failed_push_suggests_the_upload_it_would_have_made(tiny_encoder_dir, data_dir, tmp_path):
+    output = tmp_path / "my-model"
+    flags = push_flags(tiny_encoder_dir, data_dir, output)
+    flags = [*flags[: flags.index("--hub_model_id")], "--hub_token", TOKEN, "--hub_private_repo", "true"]
+    flags += ["--hub_revision", "dev"]
+    completed = run_python(["run_train.py", *flags], ROOT, hub_env(closed_port_url(), tmp_path / "hf-home"))
+    assert completed.returncode == 1
+    (error,) = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    # private and on its branch, as asked: `hf upload` would otherwise create a public repository
+    assert f"`hf upload my-model {output} --exclude 'checkpoint-*' --private --revision dev`" in error
+    card = (output / "README.md").read_text()
+    assert "MultiTaskPipeline.from_pretrained('my-model')" in card and str(tmp_path) not in card
+
+
+@pytest.mark.slow
+def test_a_second_push_leaves_no_result_of_the_first(hub, tiny_encoder_dir, data_dir, tmp_path):
+    repo = "user/pushed-twice"
+    env = hub_env(hub.url, tmp_path / "hf-home")
+    for run, test_file in ((1, "with"), (2, "without")):
+        flags = push_flags(tiny_encoder_dir, data_dir, tmp_path / f"run{run}")
+        flags[flags.index("--hub_model_id") + 1] = repo
+        if test_file == "without":
+            flags[flags.index("--test_file") + 1] = ""
+        completed = run_python(["run_train.py", *flags], ROOT, env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        if run == 1:
+            assert "test_results.json" in hub.repos[repo].files
+    files = hub.repos[repo].files
+    assert "test_results.json" not in files  # the first run's, describing another model
+    assert files["model.safetensors"] == (tmp_path / "run2" / "model.safetensors").read_bytes()
+    assert files["README.md"] == (tmp_path / "run2" / "README.md").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_failed_push_under_accelerate_launch_is_one_error_line(tiny_encoder_dir, data_dir, tmp_path):
+    # The other process waits for the main one's push: it must not be left at a barrier the main one never reaches.
+    # fmt: off
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        "run_train.py", *push_flags(tiny_encoder_dir, data_dir, tmp_path / "model"), "--test_file", "",
+    ]
+    # fmt: on
+    env = hub_env(closed_port_url(), tmp_path / "hf-home")
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode != 0
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: pushing to the Hub failed: cannot reach the Hub")
+    # (the launcher reports the main process's exit status 1 with a traceback of its own, as for any failed run)
+    assert "[rank1]: Traceback" not in completed.stderr and "Connection closed by peer" not in completed.stderr

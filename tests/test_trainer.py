@@ -86,6 +86,16 @@ def test_drop_last_drops_training_rows_only(tiny_model, make_trainer):
     assert trainer.args.dataloader_drop_last is True  # lent to evaluation only
 
 
+@pytest.mark.parametrize("strategy", ["batch_rebalance", "random", "group_by_length"])
+def test_every_sampling_strategy_follows_the_seed(tiny_model, make_trainer, strategy):
+    def first_batches(seed: int) -> list[list[int]]:
+        trainer = make_trainer(tiny_model, seed=seed, train_sampling_strategy=strategy, per_device_train_batch_size=4)
+        return [batch["labels"][:, 0].tolist() for batch in trainer.get_train_dataloader()]
+
+    assert first_batches(1) == first_batches(1)
+    assert first_batches(1) != first_batches(2)  # transformers seeds batch_rebalance with 42, whatever --seed says
+
+
 def test_data_seed_orders_the_batches(tiny_model, make_trainer):
     def first_batch(**overrides) -> list[int]:
         trainer = make_trainer(tiny_model, seed=0, **overrides)
@@ -110,6 +120,50 @@ def test_steplr_decays_every_epoch_by_gamma(tiny_model, make_trainer):
     rates = [entry["learning_rate"] for entry in step_logs(trainer)]
     # 16 rows / batch 8 = 2 optimizer steps per epoch, each logged with the rate it used.
     assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+
+
+@pytest.mark.parametrize("class_weights", ["none", "balanced"])
+def test_gradient_accumulation_makes_the_same_step_as_one_big_batch(tiny_encoder_dir, make_trainer, class_weights):
+    from mtl import MultiTaskModel
+
+    rows = make_rows(8)
+    for row in rows[:3]:  # the first micro-batch of 4 has one sentiment label, the second four
+        row["sentiment"] = None
+
+    def one_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = MultiTaskModel.from_encoder(tiny_encoder_dir)
+        for module in model.modules():  # no dropout: the two runs must compute the same gradients
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        trainer = make_trainer(
+            model, rows=rows, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+            train_sampling_strategy="sequential", class_weights=class_weights,
+        )  # fmt: skip
+        trainer.train()
+        (entry,) = step_logs(trainer)
+        return {name: t.detach().clone() for name, t in model.state_dict().items()}, entry
+
+    (big, big_log), (accumulated, accumulated_log) = one_step(8, 1), one_step(4, 2)
+    for name, tensor in big.items():
+        torch.testing.assert_close(accumulated[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    for key in ("loss", "loss_category", "loss_sentiment"):  # and the same losses are logged
+        assert accumulated_log[key] == pytest.approx(big_log[key], abs=2e-4), key
+
+
+def test_task_losses_are_averaged_over_steps_as_the_total_is(tiny_model, make_trainer):
+    # 36 rows in batches of 8 with accumulation 4: steps of 4 batches and of 1, both tasks in every batch
+    trainer = make_trainer(
+        tiny_model,
+        rows=make_rows(36),
+        gradient_accumulation_steps=4,
+        logging_steps=2,
+        train_sampling_strategy="random",
+    )
+    trainer.train()
+    (entry,) = step_logs(trainer)
+    assert entry["loss"] == pytest.approx(entry["loss_category"] + entry["loss_sentiment"], abs=2e-4)
 
 
 def test_steplr_reuses_the_training_loops_steps_per_epoch(tiny_model, make_trainer):
