@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     # A saved model goes on at the length it was trained at (run_train.py stores it as the tokenizer's), a new one
     # at 128 or the encoder's limit if that is lower.
     saved_length = tokenizer.model_max_length if continuing and tokenizer.model_max_length < 1e6 else None
-    default_length = min(DEFAULT_MAX_SEQ_LENGTH, limit or DEFAULT_MAX_SEQ_LENGTH)
-    data_args.set_max_seq_length(data_args.max_seq_length or saved_length or default_length)
+    default_length = DEFAULT_MAX_SEQ_LENGTH if saved_length is None else saved_length
+    # (a tokenizer saved by hand may hold its stock length, e.g. 512, beyond what the encoder reads)
+    data_args.set_max_seq_length(data_args.max_seq_length or min(default_length, limit or default_length))
     if limit and data_args.max_seq_length > limit:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
 

@@ -74,6 +74,9 @@ class ModelArguments:
 
 
 def _label_name(label: object) -> object:
+    """A number as the data's values name it: 3 -> "3", 1.5 -> "1.5", 2.0 -> "2" (a file's 2.0 is read as 2)."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
     if isinstance(label, (int, float)) and not isinstance(label, bool):
         return str(label)
     return label
@@ -90,7 +93,7 @@ def _refuse_duplicate_tasks(pairs: list[tuple[str, object]]) -> dict:
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, refusing a mapping key given twice."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         pairs = [
             (self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
             for key, value in node.value

@@ -145,11 +145,13 @@ def check_checkpoint_fits(checkpoint: str | Path, args: TrainingArguments) -> No
         return
     state = json.loads(path.read_text(encoding="utf-8"))
     fresh = f"or start a new run from its weights with --model_name_or_path {checkpoint}"
-    saved_batch = state.get("train_batch_size")
-    if saved_batch and saved_batch != args.train_batch_size:
+    saved_batch = state.get("train_batch_size")  # per device, times the GPUs of a DataParallel run
+    # (--auto_find_batch_size: the Trainer itself resumes at the size the checkpoint had shrunk to)
+    if saved_batch and saved_batch != args.train_batch_size and not args.auto_find_batch_size:
+        per_device = saved_batch // max(1, args.n_gpu)
         raise ValueError(
-            f"--resume_from_checkpoint {checkpoint} was trained at a batch size of {saved_batch} per device, this run "
-            f"has {args.train_batch_size}: resume with --per_device_train_batch_size {saved_batch}, {fresh}."
+            f"--resume_from_checkpoint {checkpoint} was trained at a batch size of {per_device} per device, this run "
+            f"has {args.per_device_train_batch_size}: resume with --per_device_train_batch_size {per_device}, {fresh}."
         )
     step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
     if args.max_steps > 0 and step >= args.max_steps:

@@ -41,10 +41,17 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    # strict: a quote left open would otherwise swallow the delimiters and line breaks after it, merging rows silently.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    """Rows of a CSV or TSV file. CSV is read strictly: a quote left open would swallow the delimiters and line breaks
+    after it and merge rows without a word. TSV files are often written without quoting (a tweet may start with a
+    quoted phrase), so TSV is read leniently, as pandas reads it, and a field that swallowed a tab and a line break
+    is refused instead."""
+    tsv = delimiter == "\t"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=not tsv)
     try:
-        yield from _delimited_rows(reader, path, delimiter)
+        for number, row in _delimited_rows(reader, path, delimiter):
+            if tsv and any("\t" in value and "\n" in value for value in row.values()):
+                raise csv.Error("a field holds a tab and a line break, as an unclosed quote leaves it")
+            yield number, row
     except csv.Error as error:
         raise DataError(
             f"{path}: line {reader.line_num}: {error}; a field that starts with a quote must end with one (write a "
@@ -52,7 +59,8 @@ def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int
         ) from None
 
 
-def _delimited_rows(reader, path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+def _delimited_rows(reader: Iterator[list[str]], path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) after the header; `reader` is a `csv.reader` (its `line_num` names the line)."""
     header = next(reader, None)
     if not header or not any(name.strip() for name in header):
         raise DataError(f"{path}: the file is empty; it needs a header row and at least one data row.")
@@ -88,8 +96,9 @@ def _parse_json(text: str, path: Path, where: str):
 
 
 def _read_json_lines(text: str, path: Path) -> Iterator[tuple[int, dict]]:
-    # Only "\n" ends a line: str.splitlines would also split at U+2028 and the like, which JSON strings may hold raw.
-    for line_number, line in enumerate(text.split("\n"), start=1):
+    # Only line breaks JSON strings cannot hold end a line: str.splitlines would also split at U+2028 and the like,
+    # which JSON strings may hold raw.
+    for line_number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
         if not line.strip():
             continue
         try:
@@ -159,7 +168,8 @@ def _label_id(value, labels: list[str], where: str, task: str) -> int:
         return IGNORE_INDEX
     if isinstance(value, float) and value.is_integer():  # 2.0, as above
         value = int(value)
-    name = value.strip() if isinstance(value, str) else str(value) if isinstance(value, int) else None
+    # A number is read by its text: 1 and "1" name the label "1", 1.5 the label "1.5" (2.0 became 2 above).
+    name = value.strip() if isinstance(value, str) else str(value) if isinstance(value, (int, float)) else None
     if name is not None and not isinstance(value, bool):
         if name in labels:
             return labels.index(name)
@@ -188,11 +198,11 @@ def check_text(value: object, where: str) -> str:
     return value
 
 
-def _check_task_columns(row: dict, tasks: dict[str, list[str]], where: str) -> None:
+def _check_task_columns(row: dict, tasks: dict[str, list[str]], where: str, text_column: str) -> None:
     """A column meant for a task but spelled differently (`Sentiment` for `sentiment`) would leave that task
     unlabelled without a word: refuse it."""
     for column in row:
-        if column in tasks:
+        if column in tasks or column == text_column:
             continue
         meant = [task for task in tasks if task.lower() == str(column).strip().lower() and task not in row]
         if meant:
@@ -213,7 +223,7 @@ def encode_rows(
                 f"{where}: no {text_column!r} column (columns: {sorted(row)}); "
                 "name the text column with --text_column."
             )
-        _check_task_columns(row, tasks, where)
+        _check_task_columns(row, tasks, where, text_column)
         text = check_text(row[text_column], f"{where}: the {text_column!r} value")
         texts.append(text)
         labels.append([_label_id(row.get(task), names, where, task) for task, names in tasks.items()])

@@ -116,7 +116,8 @@ class TaskMixingSampler(Sampler[int]):
 
         A small task's rows can come up several times in one stretch. Sorted by length alone, the copies of a row
         would sit side by side and share a batch (the row counted twice in one step); so the first copies are sorted
-        and cut first, then the second copies, and so on."""
+        and cut first, then the second copies, and so on: copies then share a batch only where one group of copies
+        ends and the next begins, and rarely."""
         stretch = 50 * self.batch_size
         for start in range(0, len(drawn), stretch):
             part = drawn[start : start + stretch]

@@ -142,7 +142,7 @@ class MultiTaskTrainer(Trainer):
                 model.config.tasks, self.class_weights, self.args.label_smoothing_factor
             )
         self._apply_freezing()
-        # Per task: the summed losses and the number of training batches that had labels for it since the last log.
+        # Per task, since the last log: its summed losses, and the optimizer steps that trained it.
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._task_loss_counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._token_lengths: list[int] | None = None  # of the training rows, kept when their embeddings are cached
@@ -460,7 +460,14 @@ class MultiTaskTrainer(Trainer):
             return num_training_steps
         return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+    def get_batch_samples(
+        self, epoch_iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | None]:
+        # Only the training loop calls this (evaluation counts its batches with `_get_num_items_in_batch`, left as is).
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batch_samples, self._task_denominators(batch_samples, device)
+
+    def _task_denominators(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Per task, what its mean loss divides by in this gradient accumulation window: its labelled examples (their
         class weights, with --class_weights) in all the window's batches, summed over the processes. Each example then
         counts the same whichever batch or process it lands in, as in one batch of the window's size; divided batch by

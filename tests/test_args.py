@@ -189,6 +189,7 @@ def test_tasks_from_json_text_and_files(tmp_path):
         ModelArguments(tasks='{"topic": ["one"]}').parsed_tasks()
     # numbers are label names, as the data's numeric labels are read (star ratings)
     assert ModelArguments(tasks='{"stars": [1, 2, 3]}').parsed_tasks() == {"stars": ["1", "2", "3"]}
+    assert ModelArguments(tasks='{"stars": [0.5, 1.0, 1.5]}').parsed_tasks() == {"stars": ["0.5", "1", "1.5"]}
     tabbed = tmp_path / "tabbed.json"  # valid JSON that PyYAML cannot read
     tabbed.write_text('{\n\t"topic": ["World", "Sports"]\n}\n')
     assert ModelArguments(tasks=str(tabbed)).parsed_tasks() == {"topic": ["World", "Sports"]}

@@ -148,6 +148,33 @@ def test_bad_input_names_file_row_and_value(tmp_path, name, content, message):
         load_files(path, TASKS)
 
 
+def test_decimal_label_names_are_read_from_numbers_and_text(tmp_path):
+    halves = {"stars": ["0.5", "1", "1.5"]}
+    from_json = write(tmp_path, "h.jsonl", '{"text": "a", "stars": 1.5}\n{"text": "b", "stars": 1.0}\n')
+    from_csv = write(tmp_path, "h.csv", "text,stars\na,1.5\nb,1\n")
+    assert label_matrix(load_files(from_json, halves)).tolist() == label_matrix(load_files(from_csv, halves)).tolist()
+    assert label_matrix(load_files(from_json, halves)).tolist() == [[2], [1]]
+
+
+def test_tsv_is_read_as_pandas_reads_it(tmp_path):
+    # TSV is often written without quoting: a text may start with a quoted phrase
+    path = write(
+        tmp_path, "t.tsv", 'text\tcategory\n"Best phone ever" says everyone\tTech\n"a ""quoted"" vote"\tPolitics\n'
+    )
+    assert load_files(path, TASKS)["text"] == ["Best phone ever says everyone", 'a "quoted" vote']
+
+
+def test_json_lines_with_old_mac_line_endings(tmp_path):
+    path = write(tmp_path, "cr.jsonl", '{"text": "a b", "category": "Tech"}\r{"text": "c d", "category": "Sports"}\r')
+    assert load_files(path, TASKS)["text"] == ["a b", "c d"]
+
+
+def test_a_task_spelled_like_the_text_column_is_no_misspelt_task(tmp_path):
+    path = write(tmp_path, "r.jsonl", '{"review": "great phone", "Review": "good"}\n{"review": "a vote"}\n')
+    dataset = load_files(path, {"Review": ["good", "bad"]}, text_column="review")
+    assert label_matrix(dataset).tolist() == [[0], [IGNORE_INDEX]]
+
+
 def test_a_task_named_like_the_text_column_is_refused(tmp_path):
     path = write(tmp_path, "r.jsonl", '{"review": "great phone", "category": "Tech"}\n')
     with pytest.raises(DataError, match="--text_column 'review' is also a task name"):

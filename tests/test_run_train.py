@@ -308,13 +308,15 @@ def test_eval_without_a_trained_default_model_says_to_train_one(tmp_path, monkey
 
 
 def test_a_saved_model_trains_on_at_its_own_length(tmp_path, tiny_encoder_dir, data_dir):
-    first = tmp_path / "first"
-    run_train.main(train_flags(tiny_encoder_dir, data_dir, first, "--num_train_epochs", "1", "--max_seq_length", "24"))
-    flags = train_flags(first, data_dir, tmp_path / "second", "--num_train_epochs", "1")
-    flags = flags[: flags.index("--max_seq_length")]  # not given: the saved model's 24, not the default 128
-    run_train.main(flags)
-    config = json.loads((tmp_path / "second" / "tokenizer_config.json").read_text())
-    assert config["model_max_length"] == 24
-    new = train_flags(tiny_encoder_dir, data_dir, tmp_path / "new", "--num_train_epochs", "1")
-    run_train.main(new[: new.index("--max_seq_length")])  # a new model: 128, or the encoder's limit (64 here)
-    assert json.loads((tmp_path / "new" / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    def train(source: Path, output: str, *extra: str) -> int:
+        flags = train_flags(source, data_dir, tmp_path / output, "--num_train_epochs", "1")
+        run_train.main([*flags[: flags.index("--max_seq_length")], *extra])  # --max_seq_length only if in `extra`
+        return json.loads((tmp_path / output / "tokenizer_config.json").read_text())["model_max_length"]
+
+    assert train(tiny_encoder_dir, "first", "--max_seq_length", "24") == 24
+    assert train(tmp_path / "first", "second") == 24  # not given: the saved model's 24, not the default 128
+    # a tokenizer saved by hand with its stock length (512) beyond the encoder's 64 positions: the encoder's limit
+    stock = json.loads((tmp_path / "first" / "tokenizer_config.json").read_text())
+    (tmp_path / "first" / "tokenizer_config.json").write_text(json.dumps({**stock, "model_max_length": 512}))
+    assert train(tmp_path / "first", "third") == 64
+    assert train(tiny_encoder_dir, "new") == 64  # a new model: 128, or the encoder's limit (64 here)

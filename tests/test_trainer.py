@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -164,6 +165,17 @@ def test_task_losses_are_averaged_over_steps_as_the_total_is(tiny_model, make_tr
     trainer.train()
     (entry,) = step_logs(trainer)
     assert entry["loss"] == pytest.approx(entry["loss_category"] + entry["loss_sentiment"], abs=2e-4)
+
+
+def test_evaluation_between_two_logs_leaves_the_task_losses_alone(tiny_model, make_trainer):
+    # evaluation counts its batches too (transformers' prediction_step): they are no training steps of a task
+    trainer = make_trainer(
+        tiny_model, rows=make_rows(32), logging_steps=2, eval_strategy="steps", eval_steps=1,
+        per_device_eval_batch_size=4,
+    )  # fmt: skip
+    trainer.train()
+    for entry in step_logs(trainer):
+        assert entry["loss"] == pytest.approx(entry["loss_category"] + entry["loss_sentiment"], abs=2e-4)
 
 
 def test_steplr_reuses_the_training_loops_steps_per_epoch(tiny_model, make_trainer):
@@ -358,6 +370,16 @@ def test_a_resumed_run_must_continue_the_run_that_wrote_the_checkpoint(tiny_mode
     settings = {"save_strategy": "epoch", "num_train_epochs": 3, **overrides}
     with pytest.raises(ValueError, match=message):
         make_trainer(tiny_model, **settings).train(resume_from_checkpoint=True)
+
+
+def test_auto_find_batch_size_resumes_at_the_size_the_checkpoint_shrank_to(tiny_model, make_trainer, tmp_path):
+    make_trainer(tiny_model, save_strategy="epoch", num_train_epochs=1).train()
+    state = tmp_path / "out" / "checkpoint-2" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "train_batch_size": 4}))  # as after an OOM halving
+    settings = {"save_strategy": "epoch", "num_train_epochs": 2, "auto_find_batch_size": True}
+    from mtl.checkpointing import check_checkpoint_fits
+
+    check_checkpoint_fits(tmp_path / "out" / "checkpoint-2", make_trainer(tiny_model, **settings).args)  # no error
 
 
 @pytest.mark.parametrize(
