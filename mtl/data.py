@@ -40,20 +40,32 @@ def _decode(raw: bytes, path: Path) -> str:
         ) from None
 
 
+class _QuoteError(DataError):
+    """A field whose quoting does not close (or, read leniently, that swallowed a tab or a line break)."""
+
+
 def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a CSV or TSV file. CSV is read strictly: a quote left open would swallow the delimiters and line breaks
-    after it and merge rows without a word. TSV files are often written without quoting (a tweet may start with a
-    quoted phrase), so TSV is read leniently, as pandas reads it, and a field that swallowed a tab and a line break
-    is refused instead."""
-    tsv = delimiter == "\t"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=not tsv)
+    """Rows of a CSV or TSV file, with quoting read strictly: a quote left open would swallow the delimiters and line
+    breaks after it and merge rows without a word. TSV files are often written without quoting, where a text may
+    start with a quoted phrase (`"Wow" said nobody`); a TSV file that strict quoting refuses is read again leniently,
+    as pandas reads it, and refused only if a field then holds a tab or a line break (what an open quote swallows)."""
+    if delimiter != "\t":
+        return _parse_delimited(text, path, delimiter, strict=True)
+    try:
+        return iter(list(_parse_delimited(text, path, delimiter, strict=True)))
+    except _QuoteError:
+        return _parse_delimited(text, path, delimiter, strict=False)
+
+
+def _parse_delimited(text: str, path: Path, delimiter: str, strict: bool) -> Iterator[tuple[int, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
     try:
         for number, row in _delimited_rows(reader, path, delimiter):
-            if tsv and any("\t" in value and "\n" in value for value in row.values()):
-                raise csv.Error("a field holds a tab and a line break, as an unclosed quote leaves it")
+            if not strict and any("\t" in value or "\n" in value or "\r" in value for value in row.values()):
+                raise csv.Error("a field holds a tab or a line break, as an unclosed quote leaves it")
             yield number, row
     except csv.Error as error:
-        raise DataError(
+        raise _QuoteError(
             f"{path}: line {reader.line_num}: {error}; a field that starts with a quote must end with one (write a "
             'quote inside a quoted field as "")'
         ) from None

@@ -80,9 +80,11 @@ def push_to_hub(trainer: "MultiTaskTrainer", push: HubPush, dataset: DataSources
     if not trainer.is_world_process_zero():
         return None
     args = trainer.args
-    # Written before the upload too, under the name the upload will use, so that a failed push leaves a card that is
-    # ready for the `hf upload` the error message suggests.
-    trainer.create_model_card(dataset=dataset, model_name=_repo_name(trainer))
+    # Written before the upload too, so that a failed push leaves a card for the `hf upload` the error suggests: under
+    # the repository id when it is known in full; a bare name gets the user's namespace only from the Hub, so until
+    # then the card loads the model from where it was saved.
+    name = _repo_name(trainer)
+    trainer.create_model_card(dataset=dataset, model_name=name if "/" in name else None)
     try:
         trainer.init_hf_repo(token=push.token)  # created if new (private with --hub_private_repo); the full id
         trainer.create_model_card(dataset=dataset)

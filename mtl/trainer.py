@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_pt_utils import BatchRebalanceSampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler, nested_gather
 from transformers.trainer_utils import TrainOutput, has_length
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
@@ -466,6 +466,14 @@ class MultiTaskTrainer(Trainer):
         # Only the training loop calls this (evaluation counts its batches with `_get_num_items_in_batch`, left as is).
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         return batch_samples, self._task_denominators(batch_samples, device)
+
+    def _finalize_training(self, *args, **kwargs) -> TrainOutput:
+        # The loss of the steps since the last log is added to `train_loss` from this process alone, while logging
+        # takes the processes' mean: each holds its share times the number of processes (see compute_loss), so the
+        # mean is the loss, and one process's part alone is not.
+        if self.args.world_size > 1:
+            self._tr_loss = nested_gather(self._tr_loss, self.args.parallel_mode).mean()
+        return super()._finalize_training(*args, **kwargs)
 
     def _task_denominators(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Per task, what its mean loss divides by in this gradient accumulation window: its labelled examples (their

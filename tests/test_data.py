@@ -1,3 +1,4 @@
+import csv
 import json
 
 import datasets
@@ -162,6 +163,19 @@ def test_tsv_is_read_as_pandas_reads_it(tmp_path):
         tmp_path, "t.tsv", 'text\tcategory\n"Best phone ever" says everyone\tTech\n"a ""quoted"" vote"\tPolitics\n'
     )
     assert load_files(path, TASKS)["text"] == ["Best phone ever says everyone", 'a "quoted" vote']
+
+
+def test_tsv_quoted_as_csv_writers_quote_it_keeps_its_tabs_and_line_breaks(tmp_path):
+    path = tmp_path / "w.tsv"
+    with path.open("w", newline="", encoding="utf-8") as handle:  # as csv.writer and pandas.to_csv(sep="\t") write it
+        csv.writer(handle, delimiter="\t").writerows([["text", "category"], ["a\tb\nc", "Tech"], ["ok", "Sports"]])
+    assert load_files(path, TASKS)["text"] == ["a\tb\nc", "ok"]
+
+
+def test_tsv_with_an_open_quote_and_old_mac_line_endings_is_refused(tmp_path):
+    path = write(tmp_path, "cr.tsv", 'text\tcategory\r"oops it\tTech\rsecond "row" x\tSports\rthird\tTech\r')
+    with pytest.raises(DataError, match=r"cr.tsv: line \d+: a field holds a tab or a line break"):
+        load_files(path, TASKS)
 
 
 def test_json_lines_with_old_mac_line_endings(tmp_path):

@@ -134,3 +134,6 @@ def test_two_processes_make_the_same_step_as_one_process_with_their_batches_toge
     two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    # and the same training loss is reported (one step, never logged: the processes' parts must be averaged)
+    losses = [json.loads((tmp_path / run / "train_results.json").read_text())["train_loss"] for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
