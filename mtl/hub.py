@@ -87,6 +87,8 @@ def push_to_hub(trainer: "MultiTaskTrainer", push: HubPush, dataset: DataSources
     trainer.create_model_card(dataset=dataset, model_name=name if "/" in name else None)
     try:
         trainer.init_hf_repo(token=push.token)  # created if new (private with --hub_private_repo); the full id
+        if args.hub_revision:  # a new branch starts from main, as `hf upload --revision` makes it
+            HfApi().create_branch(trainer.hub_model_id, branch=args.hub_revision, token=push.token, exist_ok=True)
         trainer.create_model_card(dataset=dataset)
         commit = HfApi().upload_folder(
             repo_id=trainer.hub_model_id,

@@ -3,7 +3,8 @@
 It speaks the part of the Hub's HTTP API that `huggingface_hub` uses to create a model repository, commit files (inline
 or through the basic LFS transfer) and download them. Point a process at it with `HF_ENDPOINT=<server.url>` and
 `HF_HUB_DISABLE_XET=1`. Writes need `Authorization: Bearer <token>`; reads work anonymously, as for a public repo; a
-wrong token is refused everywhere with 401. Only the `main` branch exists, and each commit replaces its snapshot.
+wrong token is refused everywhere with 401. Each commit replaces the snapshot of its branch (`main`, or one made with
+`create_branch` from `main`).
 """
 
 import base64
@@ -46,7 +47,8 @@ class HubServer:
 
     def __init__(self, token: str, user: str = "user"):
         self.token, self.user = token, user
-        self.repos: dict[str, Repo] = {}
+        self.repos: dict[str, Repo] = {}  # their `main` branch
+        self.branches: dict[tuple[str, str], Repo] = {}  # (repo id, branch) -> the other branches
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded before the commit that uses it
         self.log: list[str] = []  # "METHOD path status", to debug a failing test
         self.lock = threading.Lock()
@@ -66,9 +68,12 @@ class HubServer:
         repo = self.repos.get(repo_id)
         if repo is None:
             raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
-        if revision not in ("main", repo.sha):
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        return repo
+        if revision in ("main", repo.sha):
+            return repo
+        for (branch_repo, name), branch in self.branches.items():
+            if branch_repo == repo_id and revision in (name, branch.sha):
+                return branch
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -82,11 +87,12 @@ class _Handler(BaseHTTPRequestHandler):
         ("GET", rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?", "tree"),
         ("POST", rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)", "preupload"),
         ("POST", rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)", "commit"),
+        ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", "create_branch"),
         ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", "lfs_batch"),
         ("PUT", r"/lfs/(?P<oid>[0-9a-f]{64})", "lfs_upload"),
         ("GET", rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", "resolve"),
     )
-    WRITES = ("create_repo", "preupload", "commit", "lfs_batch")
+    WRITES = ("create_repo", "create_branch", "preupload", "commit", "lfs_batch")
 
     def do_GET(self) -> None:
         self.dispatch("GET")
@@ -161,6 +167,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.hub.repos[repo_id] = Repo()
         self.send_json({"url": url, "name": repo_id})
+
+    def create_branch(self, body: bytes, repo: str, branch: str) -> None:
+        main = self.hub.repo(repo)
+        if branch == "main" or (repo, branch) in self.hub.branches:
+            raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+        self.hub.branches[(repo, branch)] = Repo(files=dict(main.files))
+        self.send_json({})
 
     def validate_yaml(self, body: bytes) -> None:
         content = json.loads(body)["content"]

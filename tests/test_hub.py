@@ -392,3 +392,14 @@ def test_a_failed_push_under_accelerate_launch_is_one_error_line(tiny_encoder_di
     assert len(errors) == 1 and errors[0].startswith("error: pushing to the Hub failed: cannot reach the Hub")
     # (the launcher reports the main process's exit status 1 with a traceback of its own, as for any failed run)
     assert "[rank1]: Traceback" not in completed.stderr and "Connection closed by peer" not in completed.stderr
+
+
+@pytest.mark.slow
+def test_a_push_to_a_new_branch_creates_it(hub, tiny_encoder_dir, data_dir, tmp_path):
+    flags = push_flags(tiny_encoder_dir, data_dir, tmp_path / "model")
+    flags[flags.index("--hub_model_id") + 1] = "user/branched"
+    completed = run_python(["run_train.py", *flags, "--hub_revision", "dev"], ROOT, hub_env(hub.url, tmp_path / "h"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert hub.repos["user/branched"].files == {}  # main untouched
+    branch = hub.branches[("user/branched", "dev")].files
+    assert branch["model.safetensors"] == (tmp_path / "model" / "model.safetensors").read_bytes()
