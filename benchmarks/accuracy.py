@@ -7,10 +7,10 @@ number of epochs over its training file) and against the frozen encoder with tra
 
 Trains on train.jsonl, selects the best epoch on validation.jsonl (mean macro-recall of the tasks), and reports on
 the held-out test and out-of-domain files (see ../shared/data/README.md). Each system is a run_train.py run (two for
-"single": one per task), timed from its start to its saved model (data loading, tokenization, per-epoch validation,
-and for the frozen system the embedding of every row, included; interpreter start-up and imports not); the table goes
-to stdout (logs to stderr) and, with --results_file, is appended to a Markdown file with the command, hardware and
-date.
+"single": one per task), timed over the whole run_train.py run (data loading, tokenization, per-epoch and final
+validation, saving, and for the frozen system the embedding of every row, included; interpreter start-up and imports
+not); the table goes to stdout (logs to stderr) and, with --results_file, is appended to a Markdown file with the
+command, hardware and date.
 """
 
 import contextlib

@@ -76,7 +76,10 @@ class SpeedArguments:
     frozen_epochs: int = field(default=10, metadata={"help": "Epochs of the frozen-encoder comparison."})
     bf16: bool = field(
         default=False,
-        metadata={"help": "bf16 autocast (GPU) for every system but the plain loop, which is fp32 as the seed was."},
+        metadata={
+            "help": "bf16 autocast (GPU) for the training systems but the plain loop, which is fp32 as the seed was; "
+            "prediction uses bf16 on GPUs that support it either way (as MultiTaskPipeline does)."
+        },
     )
     results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
 

@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
-from transformers.trainer_utils import IntervalStrategy, SchedulerType
+from transformers.trainer_utils import HubStrategy, IntervalStrategy, SchedulerType
 
 from .configuration import DEFAULT_TASKS, validate_tasks
 from .freezing import parse_freeze
@@ -311,6 +311,36 @@ class MultiTaskTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: 'no', 'steps' or 'epoch'."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     logging_steps: float = field(default=10, metadata={"help": "Log losses every N optimizer steps."})
+    # The Hub options as mtl uses them (mtl.hub.push_to_hub): one push of the finished model, not the Trainer's sync.
+    push_to_hub: bool = field(
+        default=False,
+        metadata={
+            "help": "Push the final model, tokenizer, results and model card to the Hub in one commit at the end "
+            "of training (checkpoints stay local)."
+        },
+    )
+    hub_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Repository to push to, 'user/name' (a bare name goes to your namespace). Default: the "
+                  "output directory's name."},
+    )  # fmt: skip
+    hub_strategy: HubStrategy | str = field(
+        default="every_save",
+        metadata={
+            "help": "'every_save' or 'end': both push the final model once; 'checkpoint' and 'all_checkpoints' "
+            "(checkpoints on the Hub) are refused."
+        },
+    )
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to; made from main if it does not exist yet."}
+    )
+    average_tokens_across_devices: bool = field(
+        default=True,
+        metadata={
+            "help": "Ignored: each task's loss always divides by its labelled examples summed over the processes "
+            "(and the accumulation steps), so several processes make the step one process would."
+        },
+    )
     average_checkpoints: int | None = field(
         default=None,
         metadata={

@@ -26,8 +26,8 @@ from .cli import parse_arguments, run, setup_logging
 
 logger = logging.getLogger(__name__)
 
-# Config, tokenizer and card files are copied from the newest checkpoint, so the result loads like any saved model;
-# the training state (optimizer, scheduler, RNG, trainer_state.json) is not.
+# Config, tokenizer and card files are copied from the last checkpoint given (the newest, when listed in order), so the
+# result loads like any saved model; the training state (optimizer, scheduler, RNG, trainer_state.json) is not.
 MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".md", ".py")
 TRAINING_STATE_FILES = ("trainer_state.json",)
 
@@ -108,7 +108,8 @@ def load_averaged_weights(model: torch.nn.Module, checkpoints: Sequence[str | Pa
 
 
 def save_averaged(checkpoints: Sequence[str | Path], output_dir: str | Path) -> Path:
-    """Write the averaged model to `output_dir`: averaged weights, config and tokenizer of the newest checkpoint."""
+    """Write the averaged model to `output_dir`: the averaged weights, and the config and tokenizer of the last
+    checkpoint given."""
     output = Path(output_dir)
     if any(Path(c).resolve() == output.resolve() for c in checkpoints):
         raise ValueError(f"--output_dir {output} is one of the checkpoints being averaged; choose a new folder.")
@@ -117,8 +118,8 @@ def save_averaged(checkpoints: Sequence[str | Path], output_dir: str | Path) -> 
         raise ValueError(f"--output_dir {output} already holds a model ({', '.join(held)}); choose a new folder.")
     averaged = average_state_dicts(checkpoints)
     output.mkdir(parents=True, exist_ok=True)
-    newest = Path(checkpoints[-1])
-    for path in newest.iterdir():
+    last = Path(checkpoints[-1])
+    for path in last.iterdir():
         if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES and path.name not in TRAINING_STATE_FILES:
             shutil.copy2(path, output / path.name)
     save_file({name: t.contiguous() for name, t in averaged.items()}, output / WEIGHTS_NAME, metadata={"format": "pt"})

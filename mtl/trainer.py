@@ -107,7 +107,7 @@ class MultiTaskTrainer(Trainer):
 
     args: MultiTaskTrainingArguments
     # compute_loss divides each task's loss by its labelled examples in the whole gradient accumulation window (see
-    # `_get_num_items_in_batch`): the Trainer must not divide by the accumulation steps again.
+    # `_task_denominators`), or, without them, by the accumulation steps itself: the Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
     def __init__(self, model=None, args: MultiTaskTrainingArguments | None = None, train_data_collator=None, **kwargs):
