@@ -25,13 +25,15 @@ from mtl.data import (
     load_files,
     load_hub,
     require_labels,
+    require_some_labels,
     tokenize,
+    warn_missing_classes,
 )
 from mtl.freezing import check_freeze
 from mtl.hub import data_sources, detach_hub_push, push_to_hub
 from mtl.metrics import format_summary
 from mtl.modeling import load_config, load_multitask_model, load_tokenizer, resolve_encoder_name
-from mtl.trainer import check_metric_for_best_model, resolve_task_weights
+from mtl.trainer import check_metric_for_best_model, check_metric_has_labels, resolve_task_weights
 
 logger = logging.getLogger("run_train")
 
@@ -49,6 +51,16 @@ def load_split(data_args: DataArguments, tasks: dict, split: str) -> Dataset | N
         logger.warning("--dataset_name: %s No %s data; pass --%s_file FILE to use one.", error, split, split)
         setattr(data_args, f"{split}_file", None)  # so the model card names only the splits that were used
         return None
+
+
+def check_evaluation_data(data_args: DataArguments, training_args, tasks: dict, *splits: Dataset | None) -> None:
+    """The validation and test sets label some task, and the validation set the task --metric_for_best_model names."""
+    for split, dataset in zip(("validation", "test"), splits, strict=True):
+        if dataset is not None:
+            origin = data_args.dataset_name if data_args.reads_hub(split) else getattr(data_args, f"{split}_file")
+            counts = require_some_labels(dataset, tasks, f"{split} data ({origin})")
+            if split == "validation":
+                check_metric_has_labels(training_args, counts, f"the validation data ({origin})")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_source = data_args.dataset_name if data_args.reads_hub("train") else ", ".join(data_args.train_file)
     train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
+    warn_missing_classes(train, tasks, f"training data ({train_source})")
     from_hub = data_args.reads_hub("validation")
     validation = load_split(data_args, tasks, "validation")
     test = load_split(data_args, tasks, "test")
@@ -102,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         validation, test = (
             d.select(range(min(data_args.max_eval_samples, len(d)))) if d else d for d in (validation, test)
         )
+    check_evaluation_data(data_args, training_args, tasks, validation, test)
 
     # 3. The model (the tokenizer was read in step 1).
     # Saved with the model, so that prediction truncates where training did (run_eval, the pipeline, mtl.predict).

@@ -368,6 +368,11 @@ class MultiTaskTrainingArguments(TrainingArguments):
         parse_freeze(self.freeze)
         if self.task_mixing not in MIXING_STRATEGIES:
             raise ValueError(f"--task_mixing {self.task_mixing!r} is not one of {list(MIXING_STRATEGIES)}.")
+        if self.task_mixing != "proportional" and self.train_sampling_strategy in ("sequential", "batch_rebalance"):
+            raise ValueError(
+                f"--task_mixing {self.task_mixing} draws the training rows itself, so --train_sampling_strategy "
+                f"{self.train_sampling_strategy} would be ignored; use group_by_length (the default) or random."
+            )
         if not 0 < self.mixing_temperature < math.inf:
             raise ValueError(f"--mixing_temperature must be a positive number, got {self.mixing_temperature}.")
         if self.class_weights not in ("none", "balanced"):

@@ -324,6 +324,29 @@ def drop_unlabelled(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
     return dataset
 
 
+def require_some_labels(dataset: datasets.Dataset, tasks: dict[str, list[str]], source: str) -> dict[str, int]:
+    """An evaluation set must label at least one task (a misnamed label column would leave it empty, and evaluation
+    would report a loss of 0 and choose the best model on nothing); returns its labelled rows per task."""
+    counts = labelled_counts(dataset, tasks)
+    if not any(counts.values()):
+        raise DataError(
+            f"{source}: no row has a label for any of the tasks {list(tasks)}; name its label columns after the tasks."
+        )
+    return counts
+
+
+def warn_missing_classes(dataset: datasets.Dataset, tasks: dict[str, list[str]], source: str) -> None:
+    """Say which labels no training row has: their heads' rows learn nothing, and test sets will show it."""
+    labels = label_matrix(dataset)
+    for index, (task, names) in enumerate(tasks.items()):
+        column = labels[:, index]
+        counts = np.bincount(column[column != IGNORE_INDEX], minlength=len(names))
+        missing = [name for name, count in zip(names, counts, strict=True) if count == 0]
+        if missing and counts.sum():
+            logger.warning("%s: no training row has the %s label(s) %s; the model cannot learn them.", source, task,
+                           missing)  # fmt: skip
+
+
 def require_labels(
     dataset: datasets.Dataset, tasks: dict[str, list[str]], tasks_to_check: list[str], source: str
 ) -> None:

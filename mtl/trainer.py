@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler, nested_gather
-from transformers.trainer_utils import TrainOutput, has_length
+from transformers.trainer_utils import EvalLoopOutput, TrainOutput, has_length
 
 from .args import STEP_SCHEDULER, MultiTaskTrainingArguments
 from .caching import EMBEDDINGS_COLUMN, cache_embeddings
@@ -76,6 +76,18 @@ def check_metric_for_best_model(
     losses = ["loss", *(f"loss_{task}" for task in task_names)]
     if name.removeprefix("eval_") in losses + [f"{s}_{loss}" for s in eval_set_names for loss in losses]:
         args.greater_is_better = False
+
+
+def check_metric_has_labels(args: TrainingArguments, counts: dict[str, int], source: str) -> None:
+    """--metric_for_best_model must name a task the validation data labels: the Trainer would fail after the first
+    epoch, not finding the metric."""
+    name = (args.metric_for_best_model or "").removeprefix("eval_")
+    for task, count in counts.items():
+        if count == 0 and (name.startswith(f"{task}_") or name == f"loss_{task}"):
+            raise ValueError(
+                f"--metric_for_best_model {args.metric_for_best_model!r} needs {task} labels, which {source} has "
+                f"none of; choose a metric of a task it labels ({[t for t, c in counts.items() if c]}) or a mean_ one."
+            )
 
 
 def layerwise_lr_scales(model: nn.Module, decay: float, head_scale: float = 1.0) -> dict[str, float]:
@@ -194,7 +206,9 @@ class MultiTaskTrainer(Trainer):
                 batch_size=batch_size,
             )
             shares = dict(zip(self.task_names, sampler.probabilities.round(3).tolist(), strict=True))
-            logger.info("Task mixing %r: tasks drawn with probabilities %s", strategy, shares)
+            pools = dict(zip(self.task_names, (len(pool) for pool in sampler.pools), strict=True))
+            # A row labelled for several tasks sits in the pool of its smallest task (see mtl.sampling).
+            logger.info("Task mixing %r: pools of %s rows, drawn with probabilities %s", strategy, pools, shares)
         elif self._lend_lengths(dataset):
             # The stock sampler reads token lengths from input_ids, which cached embeddings replaced: lend it those
             # the rows had, in the column it reads first.
@@ -466,6 +480,27 @@ class MultiTaskTrainer(Trainer):
         # Only the training loop calls this (evaluation counts its batches with `_get_num_items_in_batch`, left as is).
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         return batch_samples, self._task_denominators(batch_samples, device)
+
+    def evaluation_loop(
+        self,
+        dataloader: DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # The Trainer's eval loss is the mean of each batch's loss; each batch sums the means of the tasks it labels,
+        # so with batches of one task (a topic file, then a sentiment file) it comes out near the tasks' mean, not
+        # their sum. The weighted sum of the per-task losses over the whole set is the training objective.
+        prefix = metric_key_prefix
+        task_losses = [
+            (w, output.metrics.get(f"{prefix}_loss_{t}"))
+            for w, t in zip(self.task_weights, self.task_names, strict=True)
+        ]
+        if f"{prefix}_loss" in output.metrics and any(loss is not None for _, loss in task_losses):
+            output.metrics[f"{prefix}_loss"] = sum(w * loss for w, loss in task_losses if loss is not None)
+        return output
 
     def _finalize_training(self, *args, **kwargs) -> TrainOutput:
         # The loss of the steps since the last log is added to `train_loss` from this process alone, while logging

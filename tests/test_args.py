@@ -148,6 +148,9 @@ def test_every_option_has_help():
         ({"task_weights": [1.0, float("nan")]}, "task_weights must be non-negative and finite"),
         ({"task_weights": [1.0, float("inf")]}, "task_weights must be non-negative and finite"),
         ({"head_learning_rate": float("inf")}, "head_learning_rate"),
+        # the mixing sampler draws the rows itself: the strategy would be ignored without a word
+        ({"task_mixing": "temperature", "train_sampling_strategy": "sequential"}, "would be ignored"),
+        ({"task_mixing": "round_robin", "train_sampling_strategy": "batch_rebalance"}, "would be ignored"),
     ],
 )
 def test_invalid_training_arguments(overrides, message):

@@ -185,6 +185,32 @@ def test_bad_arguments(tmp_path, tiny_encoder_dir, data_dir, capsys, extra, mess
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("labels", "extra", "message"),
+    [
+        # the label column misnamed: evaluation would report a loss of 0 and keep the first checkpoint as "best"
+        ({"topic": "Tech"}, ["--load_best_model_at_end"], "validation data ("),
+        # a metric of a task the validation file does not label: the Trainer fails after the first epoch
+        ({"category": "Tech"}, ["--load_best_model_at_end", "--metric_for_best_model", "sentiment_macro_recall"],
+         "--metric_for_best_model 'sentiment_macro_recall' needs sentiment labels"),
+    ],
+)  # fmt: skip
+def test_a_validation_file_must_label_what_evaluation_needs(tmp_path, tiny_encoder_dir, data_dir, capsys, labels,
+                                                           extra, message):  # fmt: skip
+    write_jsonl(data_dir / "validation.jsonl", [{"text": "the phone is great", **labels}] * 4)
+    output = tmp_path / "out"
+    assert run(run_train.main, flags(tiny_encoder_dir, data_dir, output, *extra)) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not output.exists()
+
+
+def test_labels_no_training_row_has_are_named(tmp_path, tiny_encoder_dir, data_dir, capsys):
+    rows = [row for row in make_rows(24) if row["category"] != "Politics"]
+    write_jsonl(data_dir / "train.jsonl", rows)
+    run_train.main(flags(tiny_encoder_dir, data_dir, tmp_path / "out"))  # its logging set-up writes to stderr
+    assert "no training row has the category label(s) ['Politics']" in capsys.readouterr().err
+
+
 # ---- interrupted training ----
 
 

@@ -231,6 +231,16 @@ def test_evaluation_reports_each_task(tiny_model, make_trainer, settings):
     )
 
 
+def test_eval_loss_is_the_weighted_sum_of_the_task_losses_whatever_the_batches(tiny_model, make_trainer):
+    # a topic-only half, then a sentiment-only half, in batches of 4: every batch holds one task only
+    rows = make_rows(16)
+    for i, row in enumerate(rows):
+        row["sentiment" if i < 8 else "category"] = None
+    trainer = make_trainer(tiny_model, rows=rows, per_device_eval_batch_size=4, task_weights=[1.0, 0.5])
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss_category"] + 0.5 * metrics["eval_loss_sentiment"])
+
+
 def test_compute_loss_keeps_the_hf_signature(tiny_model, make_trainer, tiny_tokenizer):
     trainer = make_trainer(tiny_model)
     inputs = tiny_tokenizer(["the phone is great", "the vote was awful"], padding=True, return_tensors="pt")
