@@ -53,7 +53,9 @@ def load_split(data_args: DataArguments, tasks: dict, split: str) -> Dataset | N
         return None
 
 
-def check_evaluation_data(data_args: DataArguments, training_args, tasks: dict, *splits: Dataset | None) -> None:
+def check_evaluation_data(
+    data_args: DataArguments, training_args: MultiTaskTrainingArguments, tasks: dict, *splits: Dataset | None
+) -> None:
     """The validation and test sets label some task, and the validation set the task --metric_for_best_model names."""
     for split, dataset in zip(("validation", "test"), splits, strict=True):
         if dataset is not None:
@@ -89,8 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     limit = token_limit(config)
     # A saved model goes on at the length it was trained at (run_train.py stores it as the tokenizer's), a new one
     # at 128 or the encoder's limit if that is lower.
-    saved_length = tokenizer.model_max_length if continuing and tokenizer.model_max_length < 1e6 else None
-    default_length = DEFAULT_MAX_SEQ_LENGTH if saved_length is None else saved_length
+    saved = continuing and tokenizer.model_max_length < 1e6
+    default_length = tokenizer.model_max_length if saved else DEFAULT_MAX_SEQ_LENGTH
     # (a tokenizer saved by hand may hold its stock length, e.g. 512, beyond what the encoder reads)
     data_args.set_max_seq_length(data_args.max_seq_length or min(default_length, limit or default_length))
     if limit and data_args.max_seq_length > limit:

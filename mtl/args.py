@@ -171,8 +171,9 @@ class DataArguments:
             raise ValueError(f"--max_seq_length must be at least 2, got {length}.")
         low = self.random_truncation_min_length
         if low is not None and not 2 <= low <= length:
-            raise ValueError(f"--random_truncation_min_length must be between 2 and --max_seq_length ({length}), "
-                             f"got {low}.")  # fmt: skip
+            raise ValueError(
+                f"--random_truncation_min_length must be between 2 and --max_seq_length ({length}), got {low}."
+            )
         self.max_seq_length = length
 
     def split_files(self, split: str) -> list[str]:
@@ -321,9 +322,11 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
     hub_model_id: str | None = field(
         default=None,
-        metadata={"help": "Repository to push to, 'user/name' (a bare name goes to your namespace). Default: the "
-                  "output directory's name."},
-    )  # fmt: skip
+        metadata={
+            "help": "Repository to push to, 'user/name' (a bare name goes to your namespace). Default: the output "
+            "directory's name."
+        },
+    )
     hub_strategy: HubStrategy | str = field(
         default="every_save",
         metadata={

@@ -46,8 +46,8 @@ def checkpoint_step(checkpoint: str | Path) -> int:
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     """Every `checkpoint-<step>` folder in `output_dir`, complete or not, by step."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
-    return [path for _, path in sorted(found)]
+    found = [path for path in Path(output_dir).glob("checkpoint-*") if _CHECKPOINT.match(path.name)]
+    return sorted(found, key=checkpoint_step)
 
 
 # What a run writes next to its model besides checkpoints; a later run need not write them all (no test set, no

@@ -16,6 +16,7 @@ import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, TrainingArguments
 
 from .modeling import IGNORE_INDEX
+from .sampling import class_counts
 
 logger = logging.getLogger(__name__)
 
@@ -337,14 +338,13 @@ def require_some_labels(dataset: datasets.Dataset, tasks: dict[str, list[str]], 
 
 def warn_missing_classes(dataset: datasets.Dataset, tasks: dict[str, list[str]], source: str) -> None:
     """Say which labels no training row has: their heads' rows learn nothing, and test sets will show it."""
-    labels = label_matrix(dataset)
-    for index, (task, names) in enumerate(tasks.items()):
-        column = labels[:, index]
-        counts = np.bincount(column[column != IGNORE_INDEX], minlength=len(names))
-        missing = [name for name, count in zip(names, counts, strict=True) if count == 0]
-        if missing and counts.sum():
-            logger.warning("%s: no training row has the %s label(s) %s; the model cannot learn them.", source, task,
-                           missing)  # fmt: skip
+    counts = class_counts(label_matrix(dataset), [len(names) for names in tasks.values()])
+    for (task, names), task_counts in zip(tasks.items(), counts, strict=True):
+        missing = [name for name, count in zip(names, task_counts, strict=True) if count == 0]
+        if missing and task_counts.sum():
+            logger.warning(
+                "%s: no training row has the %s label(s) %s; the model cannot learn them.", source, task, missing
+            )
 
 
 def require_labels(

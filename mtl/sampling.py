@@ -154,12 +154,18 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(int(mixed))
 
 
+def class_counts(labels: np.ndarray, num_labels: list[int]) -> list[np.ndarray]:
+    """Per task (a column of `labels`), how many labelled rows each of its `num_labels[task]` classes has."""
+    return [
+        np.bincount(labels[:, task][labels[:, task] != IGNORE_INDEX], minlength=k) for task, k in enumerate(num_labels)
+    ]
+
+
 def balanced_class_weights(labels: np.ndarray, num_labels: list[int]) -> list[torch.Tensor]:
     """Per task, n / (k * n_c) for each class c (scikit-learn's 'balanced'); an absent class gets weight 1."""
     weights = []
-    for task, k in enumerate(num_labels):
-        column = labels[:, task]
-        counts = np.bincount(column[column != IGNORE_INDEX], minlength=k).astype(np.float64)
+    for counts, k in zip(class_counts(labels, num_labels), num_labels, strict=True):
+        counts = counts.astype(np.float64)
         task_weights = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 1.0)
         weights.append(torch.tensor(task_weights, dtype=torch.float32))
     return weights
