@@ -10,14 +10,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from mtl.args import DEFAULT_OUTPUT_DIR, InferenceArguments
-from mtl.cli import parse_arguments, run, setup_logging
+from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.data import label_matrix, load_files
 from mtl.metrics import flat_metrics, format_report, task_reports
 from mtl.pipeline import MultiTaskPipeline
-from mtl.predict import write_predictions
+from mtl.predict import check_predictions_file, write_predictions
 
 logger = logging.getLogger("run_eval")
 
@@ -43,9 +41,13 @@ class EvalArguments(InferenceArguments):
         metadata={"help": "Truncate texts to this many tokens (default: the length the model was trained at)."},
     )
 
+    def __post_init__(self):
+        self.predictions_file = self.predictions_file or None  # "" (a config file's way to say none)
+        check_predictions_file(self.predictions_file, "--predictions_file")
+
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = parse_arguments(HfArgumentParser(EvalArguments), argv)
+    (args,) = parse_arguments(ArgumentParser(EvalArguments), argv)
     setup_logging()
     if args.model_name_or_path == DEFAULT_OUTPUT_DIR and not Path(DEFAULT_OUTPUT_DIR).exists():
         # Also a well-formed Hub id: say what is missing now, not after the Hub's network retries.

@@ -10,12 +10,12 @@ import logging
 import sys
 
 from datasets import Dataset
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DEFAULT_MAX_SEQ_LENGTH, DataArguments, ModelArguments, MultiTaskTrainingArguments
 from mtl.checkpointing import check_output_dir, resolve_checkpoint
-from mtl.cli import parse_arguments, run, setup_logging
+from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.configuration import token_limit
 from mtl.data import (
     MissingSplitError,
@@ -66,7 +66,7 @@ def check_evaluation_data(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
+    parser = ArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
     model_args, data_args, training_args = parse_arguments(parser, argv)
     hub_push = detach_hub_push(training_args)  # pushed once at the end; the token kept out of training_args.bin
     # Our progress on the main process only; transformers at its own --log_level (warnings by default).

@@ -34,13 +34,12 @@ from unittest import mock
 import datasets
 import numpy as np
 import torch
-from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import run_train
 from mtl import MultiTaskConfig, load_files
-from mtl.cli import parse_arguments, run, setup_logging
+from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.data import label_matrix
 from mtl.metrics import task_reports
 from mtl.pipeline import MultiTaskPipeline
@@ -430,7 +429,7 @@ def hardware() -> str:
 
 
 def main(argv=None) -> list[dict]:
-    (args,) = parse_arguments(HfArgumentParser(BenchmarkArguments), argv)
+    (args,) = parse_arguments(ArgumentParser(BenchmarkArguments), argv)
     setup_logging()
     tasks = {task: labels for task, labels in MultiTaskConfig().tasks.items() if not args.tasks or task in args.tasks}
     start = time.perf_counter()

@@ -38,7 +38,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -49,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import mtl.caching
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments, load_files
 from mtl.args import GPU_DATALOADER_WORKERS
-from mtl.cli import parse_arguments, run, setup_logging
+from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.data import tokenize
 from mtl.metrics import task_reports
 from mtl.modeling import resolve_encoder_name
@@ -342,7 +341,7 @@ def hardware() -> str:
 
 
 def main(argv=None) -> dict:
-    (args,) = parse_arguments(HfArgumentParser(SpeedArguments), argv)
+    (args,) = parse_arguments(ArgumentParser(SpeedArguments), argv)
     setup_logging(logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(encoder_path(args))
     data = prepare(args, tokenizer)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import TrainingArguments
+from transformers import TrainingArguments, integrations
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SchedulerType
 
 from .configuration import DEFAULT_TASKS, validate_tasks
@@ -193,6 +193,10 @@ class DataArguments:
             raise ValueError(
                 "--train_file names no file; give at least one training file (or leave it at its default with "
                 "--dataset_name)."
+            )
+        if self.dataset_config_name and not self.dataset_name:
+            raise ValueError(
+                f"--dataset_config_name {self.dataset_config_name!r} needs --dataset_name, the data set it configures."
             )
         if self.max_seq_length is not None:
             self.set_max_seq_length(self.max_seq_length)
@@ -412,10 +416,39 @@ class MultiTaskTrainingArguments(TrainingArguments):
             # Unset, the Trainer would turn it off under --activation_checkpointing, and DDP would then fail.
             self.ddp_find_unused_parameters = True
         self._check_averaging()
+        self._check_training_length()
+        self._check_report_to()
         if not 0 < self.lr_step_epochs < math.inf:
             raise ValueError(f"--lr_step_epochs must be a positive number, got {self.lr_step_epochs}.")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"--lr_gamma must be in (0, 1], got {self.lr_gamma}.")
+
+    def _check_training_length(self) -> None:
+        """Refuse values that would train nothing (and exit 0) or fail only at the first step."""
+        if self.max_steps <= 0 and not 0 < self.num_train_epochs < math.inf:
+            raise ValueError(
+                f"--num_train_epochs must be a positive number (or set --max_steps), got {self.num_train_epochs}."
+            )
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"--gradient_accumulation_steps must be at least 1 batch, got {self.gradient_accumulation_steps}."
+            )
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}.")
+
+    def _check_report_to(self) -> None:
+        """A logger whose package is not installed fails once the Trainer is built, after the data and model have
+        loaded, with a traceback: say so now. (super() has turned 'all'/'none' into the list of names.)"""
+        available = integrations.get_available_reporting_integrations()
+        known = integrations.INTEGRATION_TO_CALLBACK
+        for name in self.report_to:
+            if name not in known:
+                raise ValueError(f"--report_to {name!r} is not one of {['none', 'all', *known]}.")
+            if name not in available and name != "flyte":  # flyte has no availability check to ask
+                raise ValueError(
+                    f"--report_to {name}: its package is not installed; pip install it, or leave {name} out "
+                    f"(installed: {available or 'none'})."
+                )
 
     def _gpu_defaults(self) -> None:
         """The fast GPU path unless the user chose otherwise: bf16 autocast and data loading workers."""

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import HfArgumentParser
 from transformers.utils import SAFE_WEIGHTS_NAME as WEIGHTS_NAME
 
-from .cli import parse_arguments, run, setup_logging
+from .cli import ArgumentParser, parse_arguments, run, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +133,16 @@ class AveragingArguments:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    (args,) = parse_arguments(HfArgumentParser(AveragingArguments), argv)
+    (args,) = parse_arguments(ArgumentParser(AveragingArguments), argv)
     setup_logging()
     if len(args.checkpoints) < 2:
         raise ValueError(f"--checkpoints: give at least two checkpoint folders to average, got {args.checkpoints}.")
+    folders = [Path(checkpoint).resolve() for checkpoint in args.checkpoints]
+    repeated = next(
+        (c for c, folder in zip(args.checkpoints, folders, strict=True) if folders.count(folder) > 1), None
+    )
+    if repeated:  # it would count twice in the mean, or (given only twice) make a plain copy
+        raise ValueError(f"--checkpoints names {repeated} more than once; give each checkpoint folder once.")
     return save_averaged(args.checkpoints, args.output_dir)
 
 

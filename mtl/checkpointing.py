@@ -200,8 +200,18 @@ class GracefulStop(TrainerCallback):
         if requested:
             self.requested = self.requested or "a signal on another process"
             self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
+            control.should_training_stop = True  # the loop leaves the epoch: on_epoch_end comes next, then the save
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Save after what an uninterrupted run does at this point, and only that, so that the checkpoint (its random
+        # state included) is the one that run would write here: an epoch's end keeps its evaluation; a stop mid-epoch
+        # must not evaluate (the Trainer would, on leaving the epoch), since an evaluation draws from the random
+        # state, and its metrics could become the run's best.
+        if self.stopped_at != state.global_step:
+            return
+        control.should_save = True
+        if abs(state.epoch - round(state.epoch)) > 1e-6:
+            control.should_evaluate = False
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()

@@ -27,6 +27,14 @@ CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 DEBUG_ENV = "MTL_DEBUG"
 
 
+class ArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are one line: argparse prints the whole usage first (130 lines for
+    run_train.py), which buries the message."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_arguments(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple:
     """Parse command-line flags, or a single JSON/YAML file holding all of them (as {flag name: value})."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -118,6 +126,14 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def one_line(error: BaseException) -> str:
+    """A bad input's message on one line: the values that some (transformers') messages list on the lines after
+    "but found" are the point of the message. An OSError keeps its first line: the Hub's add paragraphs of advice."""
+    if isinstance(error, OSError):
+        return first_line(error)
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Call `main`; a bad input (ValueError, or an OSError such as a missing file, a path that is a file, no
     permission, no network) becomes one 'error:' line on stderr and exit 1. Under `accelerate launch` the process
@@ -127,7 +143,7 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except (ValueError, OSError) as error:
         if os.environ.get(DEBUG_ENV):
             raise
-        sys.stderr.write(f"error: {first_line(error)}\n")
+        sys.stderr.write(f"error: {one_line(error)}\n")
         return 1
     except TrainingInterrupted as stopped:
         sys.stderr.write(f"error: {stopped}\n")

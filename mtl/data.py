@@ -61,7 +61,7 @@ def _read_delimited(text: str, path: Path, delimiter: str) -> Iterator[tuple[int
 def _parse_delimited(text: str, path: Path, delimiter: str, strict: bool) -> Iterator[tuple[int, dict]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
     try:
-        for number, row in _delimited_rows(reader, path, delimiter):
+        for number, row in delimited_rows(reader, path, delimiter):
             if not strict and any("\t" in value or "\n" in value or "\r" in value for value in row.values()):
                 raise csv.Error("a field holds a tab or a line break, as an unclosed quote leaves it")
             yield number, row
@@ -72,7 +72,7 @@ def _parse_delimited(text: str, path: Path, delimiter: str, strict: bool) -> Ite
         ) from None
 
 
-def _delimited_rows(reader: Iterator[list[str]], path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+def delimited_rows(reader: Iterator[list[str]], path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
     """(line number, row) after the header; `reader` is a `csv.reader` (its `line_num` names the line)."""
     header = next(reader, None)
     if not header or not any(name.strip() for name in header):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (
@@ -353,6 +354,8 @@ def _load_encoder_weights(
         )
     except OSError as error:
         raise _weights_error(path, error) from None
+    except SafetensorError as error:
+        raise _unreadable_weights(path, error) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return pretrained, [name for name in info["missing_keys"] if not name.startswith("pooler.")]
@@ -451,6 +454,23 @@ def load_multitask_model(name_or_path: str | os.PathLike, allow_pickle: bool = F
         )
     except OSError as error:
         raise _weights_error(name_or_path, error) from None
+    except SafetensorError as error:
+        raise _unreadable_weights(name_or_path, error) from None
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(
+            f"{str(name_or_path)!r}: the saved weights do not fit its config.json (see the load report above): each "
+            "task in config.json must keep the labels its head was trained with; was config.json edited? Restore "
+            "its label lists, or train a model for the new labels."
+        ) from None
+
+
+def _unreadable_weights(name_or_path, error: Exception) -> ValueError:
+    return ValueError(
+        f"{str(name_or_path)!r}: its safetensors weights are not readable ({error}); a copy, download or save cut "
+        "short (a full disk, an interrupted run) leaves such a file: copy or save the model again."
+    )
 
 
 def _weights_error(name_or_path, error: OSError) -> FileNotFoundError:

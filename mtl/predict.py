@@ -19,11 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from .args import InferenceArguments
-from .cli import run, setup_logging
-from .data import DataError, check_text
+from .cli import ArgumentParser, run, setup_logging
+from .data import DataError, check_text, delimited_rows
 from .pipeline import MultiTaskPipeline
 
 logger = logging.getLogger(__name__)
@@ -66,16 +64,14 @@ def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
 
 def _iter_handle(handle: io.TextIOBase, path: Path, suffix: str, text_column: str) -> Iterator[str]:
     if suffix == ".csv":
-        reader = csv.DictReader(handle, strict=True)
+        # Read as training reads CSV: a row with more fields than the header (an unquoted comma) is an error, not a
+        # text cut at its first comma.
+        reader = csv.reader(handle, strict=True)
         try:
-            if reader.fieldnames is not None:  # header names are read stripped, as in training (`id, text`)
-                reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            if reader.fieldnames is None or text_column not in reader.fieldnames:
-                raise DataError(
-                    f"{path}: no {text_column!r} column (columns: {reader.fieldnames}); use --text_column."
-                )
-            for row in reader:
-                yield check_text(row[text_column], f"{path}: line {reader.line_num}: the text")
+            for line, row in delimited_rows(reader, path, ","):
+                if text_column not in row:
+                    raise DataError(f"{path}: no {text_column!r} column (columns: {list(row)}); use --text_column.")
+                yield check_text(row[text_column], f"{path}: line {line}: the text")
         except csv.Error as error:
             raise DataError(f"{path}: line {reader.line_num}: {error}; close every quote a field opens.") from None
         return
@@ -102,6 +98,12 @@ def _write_lines(predictions: Iterator[dict], handle) -> int:
     return count
 
 
+def check_predictions_file(path: str | None, option: str) -> None:
+    """Predictions are written as JSON lines: a file named otherwise (preds.csv) would mislead whoever opens it."""
+    if path is not None and Path(path).suffix.lower() != ".jsonl":
+        raise ValueError(f"{option} {path}: predictions are JSON lines; name the file *.jsonl.")
+
+
 def write_predictions(predictions: Iterator[dict], output: str | None) -> int:
     """Write JSON lines to stdout, or to `output` through a temporary file renamed at the end (never half-written)."""
     if output is None:
@@ -119,7 +121,7 @@ def write_predictions(predictions: Iterator[dict], output: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(PredictArguments, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="A directory written by run_train.py, or a Hub model id.")
     parser.add_argument("texts", nargs="*", help="Texts to label (or use --input).")
     args, positional, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -130,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"unknown option(s) {unknown}; see python -m mtl.predict --help.")
     positional.texts += rest
     setup_logging(logging.WARNING)
-    if args.output is not None and Path(args.output).suffix.lower() != ".jsonl":
-        raise ValueError(f"--output {args.output}: predictions are JSON lines; name the file *.jsonl.")
+    check_predictions_file(args.output, "--output")
+    files = [text for text in positional.texts if text.lower().endswith(INPUT_SUFFIXES) and os.path.isfile(text)]
+    if files:
+        raise ValueError(f"{files[0]} is a file, not a text to label; to label its texts, use --input {files[0]}.")
     if bool(positional.texts) == bool(args.input):
         raise ValueError("give either texts on the command line or --input FILE (one of them, not both).")
     clf = MultiTaskPipeline.from_pretrained(

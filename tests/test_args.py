@@ -67,7 +67,8 @@ def test_a_config_file_gives_the_same_arguments_as_flags(tmp_path, suffix):
     assert from_flags[2]["task_weights"] == [1.0, 0.5]
 
 
-def test_a_config_file_may_write_tasks_as_a_mapping_lists_and_nulls(tmp_path):
+def test_a_config_file_may_write_tasks_as_a_mapping_lists_and_nulls(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["tensorboard"])
     path = tmp_path / "config.yaml"
     tasks = {"topic": ["World", "Sports"], "spam": ["no", "yes"]}
     settings = {"tasks": tasks, "use_cpu": True, "validation_file": None, "report_to": ["tensorboard"], "seed": "3"}
@@ -151,11 +152,38 @@ def test_every_option_has_help():
         # the mixing sampler draws the rows itself: the strategy would be ignored without a word
         ({"task_mixing": "temperature", "train_sampling_strategy": "sequential"}, "would be ignored"),
         ({"task_mixing": "round_robin", "train_sampling_strategy": "batch_rebalance"}, "would be ignored"),
+        # would train nothing and exit 0, or fail with a traceback at the first step
+        ({"num_train_epochs": 0}, r"--num_train_epochs must be a positive number \(or set --max_steps\), got 0"),
+        ({"num_train_epochs": -1}, "--num_train_epochs must be a positive number"),
+        ({"gradient_accumulation_steps": 0}, "--gradient_accumulation_steps must be at least 1 batch, got 0"),
+        ({"label_smoothing_factor": 1.5}, r"--label_smoothing_factor must be in \[0, 1\), got 1.5"),
+        ({"label_smoothing_factor": -0.1}, "--label_smoothing_factor must be in"),
+        ({"report_to": "tensorbord"}, r"--report_to 'tensorbord' is not one of \['none', 'all', .*'tensorboard'"),
     ],
 )
 def test_invalid_training_arguments(overrides, message):
     with pytest.raises(ValueError, match=message):
         MultiTaskTrainingArguments(output_dir="unused", **overrides)
+
+
+def test_epochs_may_be_zero_when_max_steps_decides():
+    assert MultiTaskTrainingArguments(output_dir="unused", num_train_epochs=0, max_steps=5).max_steps == 5
+
+
+def test_a_logger_that_is_not_installed_is_refused_before_training(monkeypatch):
+    # TensorBoardCallback would raise a RuntimeError once the Trainer is built, after the data and model loaded
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["wandb"])
+    with pytest.raises(ValueError, match=r"--report_to tensorboard: its package is not installed.*\['wandb'\]"):
+        MultiTaskTrainingArguments(output_dir="unused", report_to="tensorboard")
+    assert MultiTaskTrainingArguments(output_dir="unused", report_to="wandb").report_to == ["wandb"]
+    assert MultiTaskTrainingArguments(output_dir="unused", report_to="all").report_to == ["wandb"]
+    assert MultiTaskTrainingArguments(output_dir="unused", report_to="none").report_to == []
+
+
+def test_a_dataset_configuration_needs_a_dataset():
+    with pytest.raises(ValueError, match="--dataset_config_name 'en' needs --dataset_name"):
+        DataArguments(dataset_config_name="en")
+    assert DataArguments(dataset_name="ag_news", dataset_config_name="en").dataset_config_name == "en"
 
 
 @pytest.mark.parametrize("scheduler", ["linear", "cosine", "step"])

@@ -77,6 +77,11 @@ def test_checkpoints_with_other_label_orders_are_refused(tmp_path, tiny_model):
     MultiTaskConfig(encoder=tiny_model.config.encoder, tasks=tasks).save_pretrained(b)  # same shapes, rows reordered
     with pytest.raises(ValueError, match=r"b was trained with tasks .*'Politics', 'Tech'.*one run only"):
         average_state_dicts([a, b])
+    c = tmp_path / "c"
+    tiny_model.save_pretrained(c)
+    MultiTaskConfig(encoder=tiny_model.config.encoder, tasks=tiny_model.config.tasks, pooling="cls").save_pretrained(c)
+    with pytest.raises(ValueError, match=r"c was trained with .* and cls pooling, .*a with .* and mean pooling"):
+        average_state_dicts([a, c])
     assert average_state_dicts([a, a]).keys() == load_file(a / WEIGHTS_NAME).keys()
 
 
@@ -105,7 +110,7 @@ def test_a_resumed_run_averages_none_of_the_later_checkpoints_an_earlier_run_lef
     assert not torch.equal(tiny_model.state_dict()["heads.category.weight"], later["heads.category.weight"])
 
 
-@pytest.mark.parametrize("averaged_is_better", [True, False])
+@pytest.mark.parametrize("averaged_is_better", [True, False, None], ids=["better", "worse", "no-metric"])
 def test_with_load_best_the_average_must_beat_the_best(tiny_model, make_trainer, tmp_path, averaged_is_better):
     trainer = make_trainer(
         tiny_model,
@@ -123,6 +128,8 @@ def test_with_load_best_the_average_must_beat_the_best(tiny_model, make_trainer,
         if metric_key_prefix != "eval_averaged":
             return type(trainer).evaluate(trainer, *args, metric_key_prefix=metric_key_prefix, **kwargs)
         scored["weights"] = weights_of(tiny_model)  # what the trainer evaluated as the average
+        if averaged_is_better is None:  # e.g. several evaluation sets, whose metrics carry their names
+            return {"eval_averaged_topic_loss": 0.0}
         shift = -1.0 if averaged_is_better else 1.0  # loss: lower is better
         return {"eval_averaged_loss": trainer.state.best_metric + shift}
 
@@ -176,6 +183,9 @@ def test_cli_writes_a_loadable_averaged_model(tiny_model, make_trainer, tmp_path
         main(["--checkpoints", checkpoints[0], "--output_dir", str(tmp_path / "one")])
     with pytest.raises(ValueError, match="is one of the checkpoints"):
         main(["--checkpoints", *checkpoints, "--output_dir", checkpoints[0]])
+    with pytest.raises(ValueError, match=r"names \S+checkpoint-\d+ more than once; give each checkpoint folder once"):
+        main(["--checkpoints", checkpoints[0], f"{checkpoints[0]}/", "--output_dir", str(tmp_path / "copy")])
+    assert not (tmp_path / "copy").exists()
     # a folder holding another model: its card and results would stay behind, describing the wrong weights
     tiny_model.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match=r"already holds a model \(config.json, model.safetensors\); choose a new"):

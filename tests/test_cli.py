@@ -1,11 +1,13 @@
 """mtl.cli: how the entry points end."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import run_train
 from mtl.cli import run
 from tests.conftest import free_port
 
@@ -71,3 +73,20 @@ def test_os_errors_are_one_line_and_exit_1(capsys):
 
     assert run(main, []) == 1
     assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/app/outputs/model.safetensors'\n"
+
+
+def test_a_multi_line_value_error_keeps_its_values_on_the_one_line(capsys):
+    # transformers lists the conflicting values on the lines after "but found": they are the point of the message
+    assert run(run_train.main, ["--load_best_model_at_end", "--save_strategy", "steps", "--save_steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert re.fullmatch(r"error: .*strategy to match.* but found .*Evaluation strategy: .*epoch.*steps.*\n", err, re.I)
+
+
+def test_a_bad_flag_value_is_one_line_without_the_usage(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_train.main(["--num_train_epochs", "three"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # argparse would print some 130 lines of usage before it
+    assert re.fullmatch(r".*error: argument --num_train_epochs.*invalid float value: 'three' \(see .* --help\)\n", err)

@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 
 import datasets
 import pytest
@@ -14,6 +15,7 @@ from mtl.data import (
     label_matrix,
     load_hub,
     require_labels,
+    warn_missing_classes,
 )
 
 TASKS = DEFAULT_TASKS
@@ -211,6 +213,16 @@ def test_a_task_without_any_label_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"no row has a label for task\(s\) \['sentiment'\]"):
         require_labels(dataset, TASKS, ["category", "sentiment"], "training data")
     require_labels(dataset, TASKS, ["category"], "training data")  # a frozen task need not be labelled
+
+
+def test_labels_no_row_has_are_named_for_labelled_tasks_only(tmp_path, caplog):
+    dataset = load_files(write(tmp_path, "t.csv", "text,category\nhello,Tech\nbye,Sports\n"), TASKS)
+    with caplog.at_level(logging.WARNING, logger="mtl.data"):
+        warn_missing_classes(dataset, TASKS, "t.csv")
+    # sentiment has no label at all (a frozen task, or refused by require_labels): not three missing classes
+    assert caplog.messages == [
+        "t.csv: no training row has the category label(s) ['Politics']; the model cannot learn them."
+    ]
 
 
 def test_tokenize_truncates_and_does_not_pad(tmp_path, tiny_tokenizer):

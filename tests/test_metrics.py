@@ -22,6 +22,17 @@ def test_classification_metrics_by_hand():
     assert report["support"] == [1, 2, 3]
 
 
+def test_macro_scores_average_over_the_classes_with_gold_examples():
+    # class 2 has no gold example (only a wrong prediction): it has no recall to average, as SemEval defines it
+    report = ClassificationMetrics().compute(predictions=[0, 1, 1, 2], references=[0, 0, 1, 1], num_labels=3)
+    assert report["recall"] == pytest.approx([0.5, 0.5, 0.0])
+    assert report["precision"] == pytest.approx([1.0, 0.5, 0.0])
+    assert report["macro_recall"] == pytest.approx(0.5)  # (0.5 + 0.5) / 2, not / 3
+    assert report["macro_precision"] == pytest.approx(0.75)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert report["support"] == [2, 2, 0]
+
+
 def test_unlabelled_rows_and_tasks_are_skipped():
     topic_logits = np.array([[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0], [3.0, 0, 0]])
     tone_logits = np.array([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])

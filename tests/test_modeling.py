@@ -1,10 +1,13 @@
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from mtl import MultiTaskConfig, MultiTaskModel
-from mtl.modeling import IGNORE_INDEX, multitask_loss, task_cross_entropy
+from mtl.modeling import IGNORE_INDEX, load_multitask_model, multitask_loss, task_cross_entropy
 
 
 def batch(tokenizer, texts=("the phone is great", "the match was awful today", "vote")):
@@ -191,6 +194,29 @@ def test_an_incomplete_encoder_checkpoint_is_refused(tmp_path, tiny_encoder_dir)
     save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks 16 weights .*encoder\.layer\.1\."):
         MultiTaskModel.from_encoder(tmp_path)
+
+
+def test_a_truncated_weights_file_is_one_clear_error(tmp_path, tiny_encoder_dir, tiny_model, tiny_tokenizer):
+    # what an interrupted copy or download, or a full disk, leaves: safetensors raises its own error type
+    shutil.copytree(tiny_encoder_dir, tmp_path / "encoder")
+    tiny_model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    for folder in ("encoder", "model"):
+        weights = tmp_path / folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"'.*encoder': its safetensors weights are not readable .*save the model"):
+        MultiTaskModel.from_encoder(tmp_path / "encoder")
+    with pytest.raises(ValueError, match=r"'.*model': its safetensors weights are not readable"):
+        load_multitask_model(tmp_path / "model")
+
+
+def test_labels_added_to_a_saved_config_are_one_clear_error(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["tasks"][0][1].append("Science")  # a fourth category, which the saved head has no row for
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not fit its config.json .*keep the labels its head was trained with"):
+        load_multitask_model(tmp_path)
 
 
 def test_from_encoder_applies_the_attention_implementation(tiny_encoder_dir, tiny_tokenizer):

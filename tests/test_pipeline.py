@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,18 @@ def test_labels_and_scores(clf):
         assert result["category"] in clf.tasks["category"]
         assert 1 / 3 <= result["sentiment_score"] <= 1.0  # the arg-max probability of 3 classes
     assert clf("the phone")[0]["text"] == "the phone"
+    for task, logits in zip(clf.tasks, clf.predict_logits(TEXTS), strict=True):
+        probabilities = torch.softmax(torch.from_numpy(logits), dim=1)
+        assert [r[task] for r in results] == [clf.tasks[task][i] for i in logits.argmax(axis=1)]
+        assert [r[f"{task}_score"] for r in results] == pytest.approx(probabilities.max(1).values.tolist(), abs=5e-5)
+
+
+def test_a_model_in_training_mode_predicts_deterministically(tiny_model, tiny_tokenizer):
+    pipeline = MultiTaskPipeline(tiny_model.train(), tiny_tokenizer, device="cpu")  # dropout would vary each call
+    assert not tiny_model.training
+    first = pipeline.predict_logits(TEXTS)
+    for again, logits in zip(pipeline.predict_logits(TEXTS), first, strict=True):
+        np.testing.assert_array_equal(again, logits)
 
 
 def test_streaming_gives_the_same_results(clf):
@@ -128,6 +141,9 @@ def test_cli_texts_and_files(tmp_path, saved_model, capsys):
         ("bad.jsonl", '{"text": "ok"}\n{"text": 5}\n', "line 2: the text is a int (5)"),
         ("bad2.jsonl", '{"text": "ok"}\nnot json\n', "line 2 is not valid JSON"),
         ("bad.csv", "id,body\n1,x\n", "no 'text' column"),
+        # an unquoted comma: read loosely, the text would be cut at it ("the phone is great") without a word
+        ("comma.csv", "text\nthe phone is great, love it\n", "line 2 has 2 field(s) but the header has 1"),
+        ("twice.csv", "text,text\na,b\n", "duplicate column name(s) ['text']"),
         ("empty.txt", "\n\n", "no texts to label"),
         ("in.parquet", "x", "unsupported input type"),
     ],
@@ -144,6 +160,19 @@ def test_cli_bad_files_leave_no_output(tmp_path, saved_model, capsys, name, cont
 def test_cli_needs_texts_or_input(saved_model, capsys):
     assert run(main, [str(saved_model)]) == 1
     assert "either texts on the command line or --input" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_file_name_given_as_a_text(tmp_path, saved_model, capsys, monkeypatch):
+    # --input forgotten: labelling the words "texts.txt" would exit 0 with a useless answer
+    monkeypatch.chdir(tmp_path)
+    Path("texts.txt").write_text("the phone\n")
+    assert run(main, [str(saved_model), "texts.txt"]) == 1
+    assert (
+        "texts.txt is a file, not a text to label; to label its texts, use --input texts.txt"
+        in capsys.readouterr().err
+    )
+    assert main([str(saved_model), "notes.txt"]) == 1  # no such file: a text like any other
+    assert json.loads(capsys.readouterr().out)["text"] == "notes.txt"
 
 
 def test_iter_texts_is_lazy(tmp_path):

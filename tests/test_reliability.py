@@ -1,6 +1,7 @@
 """Bad input, interrupted training and safe loading."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -14,11 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import run_eval
 import run_train
 from mtl import DEFAULT_TASKS, DataError, MultiTaskModel, MultiTaskTrainingArguments, load_files
-from mtl.checkpointing import latest_checkpoint, resolve_checkpoint
+from mtl.checkpointing import TrainingInterrupted, latest_checkpoint, resolve_checkpoint
 from mtl.cli import run
 from mtl.modeling import load_multitask_model
 from tests.conftest import make_rows, train_flags, write_jsonl
@@ -136,6 +138,15 @@ def test_not_an_mtl_model_or_missing_weights(tmp_path, tiny_encoder_dir, tiny_mo
         load_multitask_model(tmp_path / "broken")
 
 
+def test_predictions_are_written_only_to_a_jsonl_file(tmp_path, capsys):
+    argv = ["--model_name_or_path", str(tmp_path), "--predictions_file", str(tmp_path / "preds.csv")]
+    assert run(run_eval.main, argv) == 1  # refused before the model is read: the run would only end in a misnamed file
+    assert (
+        capsys.readouterr().err
+        == f"error: --predictions_file {tmp_path / 'preds.csv'}: predictions are JSON lines; name the file *.jsonl.\n"
+    )
+
+
 def test_an_encoder_without_tokenizer_files_is_refused(tmp_path, tiny_encoder_dir, data_dir, capsys):
     # transformers would build a tokenizer of special tokens only from the config: every word read as [UNK]
     encoder = tmp_path / "no-tokenizer"
@@ -231,7 +242,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
         assert resolve_checkpoint(nothing, tmp_path) is None
 
 
-def long_run(encoder, data_dir, output) -> list[str]:
+def long_run(encoder, data_dir, output, *extra: str) -> list[str]:
     return [
         sys.executable,
         "run_train.py",
@@ -253,6 +264,7 @@ def long_run(encoder, data_dir, output) -> list[str]:
             "11",
             "--logging_steps",
             "50",
+            *extra,
         ),
     ]
 
@@ -275,21 +287,43 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference_weights(tmp_path_factory, tiny_encoder_dir):
-    """The model from an uninterrupted run of the same command."""
+    """The data, and per set of extra flags the model from an uninterrupted run of the same command (an evaluation
+    draws from the random state, so the evaluation strategy changes the model)."""
     data_dir = tmp_path_factory.mktemp("data")
     write_jsonl(data_dir / "train.jsonl", make_rows(36))
     write_jsonl(data_dir / "validation.jsonl", make_rows(12))
-    output = data_dir / "uninterrupted"
-    subprocess.run(long_run(tiny_encoder_dir, data_dir, output), cwd=ROOT, check=True, capture_output=True)
-    return data_dir, weights(output)
+    models = {}
+
+    def reference(*extra: str) -> dict[str, torch.Tensor]:
+        if extra not in models:
+            output = data_dir / f"uninterrupted-{len(models)}"
+            subprocess.run(
+                long_run(tiny_encoder_dir, data_dir, output, *extra), cwd=ROOT, check=True, capture_output=True
+            )
+            models[extra] = weights(output)
+        return models[extra]
+
+    return data_dir, reference
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("send", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_encoder_dir, reference_weights, send):
-    data_dir, expected = reference_weights
+@pytest.mark.parametrize(
+    ("send", "extra"),
+    [
+        (signal.SIGKILL, ()),
+        (signal.SIGTERM, ()),
+        (signal.SIGINT, ()),
+        # the defaults' strategies: a stop mid-epoch must neither evaluate there nor save after such an evaluation
+        # (its draw from the random state would be in the checkpoint), as the uninterrupted run does neither
+        (signal.SIGTERM, ("--eval_strategy", "epoch", "--save_strategy", "epoch")),
+    ],
+    ids=["kill", "term", "int", "term-epoch-strategies"],
+)
+def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_encoder_dir, reference_weights, send, extra):
+    data_dir, reference = reference_weights
+    expected = reference(*extra)
     output = tmp_path / "run"
-    command = long_run(tiny_encoder_dir, data_dir, output)
+    command = long_run(tiny_encoder_dir, data_dir, output, *extra)
     stopped = interrupt(command, output, send)
     if send == signal.SIGKILL:
         assert stopped.returncode == -signal.SIGKILL
@@ -307,6 +341,26 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, tiny_encoder_d
     assert state["global_step"] == 400
     final = weights(output)
     assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+@pytest.mark.parametrize(("stop_at", "evaluated"), [(3, [1.0]), (4, [1.0, 2.0])], ids=["mid-epoch", "epoch-end"])
+def test_a_stop_evaluates_only_where_the_run_would_have(tiny_model, make_trainer, tmp_path, stop_at, evaluated):
+    # 16 rows in batches of 8: 2 steps an epoch. The checkpoint of a stop at step 3 must hold the random state of
+    # step 3, not of an evaluation the Trainer would run on leaving the epoch; at step 4 the epoch's own evaluation
+    # comes first, as in an uninterrupted run.
+    trainer = make_trainer(tiny_model, num_train_epochs=4, eval_strategy="epoch", save_strategy="epoch")
+
+    class Signal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the trainer's GracefulStop: finish the step, stop
+
+    trainer.add_callback(Signal())
+    with pytest.raises(TrainingInterrupted, match=f"at step {stop_at}"):
+        trainer.train()
+    checkpoint = tmp_path / "out" / f"checkpoint-{stop_at}"
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    assert [entry["epoch"] for entry in history if "eval_loss" in entry] == evaluated
 
 
 # ---- one clear line for the mistakes users make ----

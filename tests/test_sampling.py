@@ -4,6 +4,7 @@ import torch
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler
 
+from mtl.data import label_matrix
 from mtl.modeling import IGNORE_INDEX
 from mtl.sampling import TaskMixingSampler, balanced_class_weights, task_probabilities
 from tests.conftest import make_rows
@@ -65,6 +66,8 @@ def test_small_task_rows_repeat_only_after_all_were_seen():
     assert sorted(first_pass) == list(range(N_TOPIC))
     counts = np.bincount(drawn, minlength=N_TOPIC)
     assert counts.max() - counts.min() <= 1
+    second_pass = drawn[N_TOPIC : 2 * N_TOPIC]
+    assert sorted(second_pass) == list(range(N_TOPIC)) and second_pass != first_pass  # reshuffled, not replayed
 
 
 def test_rows_labelled_for_several_tasks_sit_in_one_pool():
@@ -120,11 +123,13 @@ def test_balanced_class_weights():
     torch.testing.assert_close(sentiment, torch.tensor([3 / (2 * 1), 3 / (2 * 2)]))
 
 
-def test_class_weights_reach_the_loss(tiny_model, make_trainer):
+def test_balanced_class_weights_come_from_the_training_rows(tiny_model, make_trainer):
     rows = make_rows(24)
     trainer = make_trainer(tiny_model, rows=rows[:20], class_weights="balanced")
-    assert [len(w) for w in trainer.class_weights] == [3, 3]
     assert not torch.allclose(trainer.class_weights[0], torch.ones(3))
+    expected = balanced_class_weights(label_matrix(trainer.train_dataset), [3, 3])
+    for weights, task_expected in zip(trainer.class_weights, expected, strict=True):
+        torch.testing.assert_close(weights, task_expected)
 
 
 def test_length_grouped_order_depends_only_on_seed_and_epoch():

@@ -3,9 +3,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtl import MultiTaskTrainer, MultiTaskTrainingArguments
 from mtl.data import RandomTruncation
+from mtl.modeling import IGNORE_INDEX
 from tests.conftest import make_rows
 
 
@@ -121,6 +123,13 @@ def test_steplr_decays_every_epoch_by_gamma(tiny_model, make_trainer):
     rates = [entry["learning_rate"] for entry in step_logs(trainer)]
     # 16 rows / batch 8 = 2 optimizer steps per epoch, each logged with the rate it used.
     assert rates == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+
+
+def test_steplr_warms_up_linearly_first(tiny_model, make_trainer):
+    trainer = make_trainer(tiny_model, num_train_epochs=3, lr_gamma=0.5, learning_rate=1e-3, warmup_steps=2)
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in step_logs(trainer)]
+    assert rates == pytest.approx([5e-4, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])  # 1/2, 2/2 of the rate, then StepLR
 
 
 @pytest.mark.parametrize("class_weights", ["none", "balanced"])
@@ -239,6 +248,55 @@ def test_eval_loss_is_the_weighted_sum_of_the_task_losses_whatever_the_batches(t
     trainer = make_trainer(tiny_model, rows=rows, per_device_eval_batch_size=4, task_weights=[1.0, 0.5])
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_loss_category"] + 0.5 * metrics["eval_loss_sentiment"])
+
+
+@pytest.mark.parametrize(("class_weights", "smoothing"), [("balanced", 0.0), ("none", 0.2), ("balanced", 0.2)])
+def test_training_and_evaluation_losses_are_torchs_cross_entropy(tiny_model, make_trainer, class_weights, smoothing):
+    # The reference: F.cross_entropy with the run's class weights and label smoothing, per task, over a batch
+    # smaller than the data set (its window's denominators decide the mean) that has a row without a sentiment.
+    rows = make_rows(16)  # imbalanced: 6/5/5 categories, 6/6/4 sentiments
+    for row in rows[::5]:
+        row["sentiment"] = None
+    for module in tiny_model.modules():  # the reference forward pass must see the same activations
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    trainer = make_trainer(
+        tiny_model,
+        rows=rows,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        train_sampling_strategy="sequential",
+        class_weights=class_weights,
+        label_smoothing_factor=smoothing,
+    )
+    weights = trainer.class_weights or [None, None]
+    if class_weights == "balanced":
+        assert not torch.allclose(weights[1], torch.ones(3))  # else the weights would change nothing
+
+    def reference(logits, labels) -> list[torch.Tensor]:
+        return [
+            F.cross_entropy(task_logits, task_labels, weight=w, label_smoothing=smoothing, ignore_index=IGNORE_INDEX)
+            for task_logits, task_labels, w in zip(logits, labels.T, weights, strict=True)
+        ]
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"][:, 1] == IGNORE_INDEX).any() and len(batch["labels"]) < len(rows)
+    samples, denominators = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    tiny_model.train()
+    loss = trainer.compute_loss(tiny_model, samples[0], num_items_in_batch=denominators)
+    logits = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(loss, sum(reference(logits, batch["labels"])))
+
+    metrics = trainer.evaluate()
+    tiny_model.eval()
+    with torch.no_grad():
+        batches = list(trainer.get_eval_dataloader())
+        outputs = [tiny_model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+    logits = [torch.cat([output[task] for output in outputs]) for task in range(2)]
+    expected = reference(logits, torch.cat([b["labels"] for b in batches]))
+    assert [metrics["eval_loss_category"], metrics["eval_loss_sentiment"]] == pytest.approx(
+        [e.item() for e in expected], rel=1e-5
+    )
 
 
 def test_compute_loss_keeps_the_hf_signature(tiny_model, make_trainer, tiny_tokenizer):
