@@ -358,6 +358,8 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # `output_dir: null` in a config file means the default here, not transformers' ./trainer_output.
+        self.output_dir = self.output_dir or DEFAULT_OUTPUT_DIR
         self._gpu_defaults()
         # TrainingArguments only knows transformers' schedulers: validate 'step' here and build it in the trainer.
         use_step = self.lr_scheduler_type == STEP_SCHEDULER

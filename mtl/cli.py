@@ -128,7 +128,8 @@ def first_line(error: BaseException) -> str:
 
 def one_line(error: BaseException) -> str:
     """A bad input's message on one line: the values that some (transformers') messages list on the lines after
-    "but found" are the point of the message. An OSError keeps its first line: the Hub's add paragraphs of advice."""
+    "but found" are the point of the message. An OSError keeps its first line: the Hub's errors go on with
+    paragraphs of advice."""
     if isinstance(error, OSError):
         return first_line(error)
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__

@@ -166,6 +166,12 @@ def test_invalid_training_arguments(overrides, message):
         MultiTaskTrainingArguments(output_dir="unused", **overrides)
 
 
+def test_a_null_output_dir_is_the_default_one(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("output_dir: null\nseed: 3\n")
+    assert parse_arguments(parser(), [str(path)])[2].output_dir == "outputs/mtl-minilm"
+
+
 def test_epochs_may_be_zero_when_max_steps_decides():
     assert MultiTaskTrainingArguments(output_dir="unused", num_train_epochs=0, max_steps=5).max_steps == 5
 
