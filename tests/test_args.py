@@ -3,6 +3,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -164,6 +165,25 @@ def test_every_option_has_help():
 def test_invalid_training_arguments(overrides, message):
     with pytest.raises(ValueError, match=message):
         MultiTaskTrainingArguments(output_dir="unused", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("use_cpu", "fp16", "expected"),
+    [(False, False, (True, 2)), (False, True, (False, 2)), (True, False, (False, 0))],
+    ids=["gpu", "gpu-fp16", "use-cpu"],
+)
+def test_gpu_defaults(monkeypatch, use_cpu, fp16, expected):
+    # bf16 autocast and 2 loader workers on a bf16 GPU, unless --use_cpu; never bf16 on top of --fp16. Set on a bare
+    # instance: TrainingArguments.__post_init__ itself would look for the GPU that this machine does not have.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    args = MultiTaskTrainingArguments.__new__(MultiTaskTrainingArguments)
+    args.use_cpu, args.fp16, args.bf16, args.dataloader_num_workers = use_cpu, fp16, None, None
+    args._gpu_defaults()
+    assert (args.bf16, args.dataloader_num_workers) == expected
+    args.bf16, args.dataloader_num_workers = False, 5  # what the user chose stays
+    args._gpu_defaults()
+    assert (args.bf16, args.dataloader_num_workers) == (False, 5)
 
 
 def test_a_null_output_dir_is_the_default_one(tmp_path):

@@ -82,6 +82,28 @@ def test_each_column_is_scored_on_its_own_file_and_metric(tmp_path, monkeypatch)
     )
 
 
+def test_max_eval_samples_scores_a_random_sample_not_the_first_rows(tmp_path, monkeypatch):
+    import accuracy
+
+    # test files come sorted by class: the first 10 rows would all be Tech, which the stand-in always predicts
+    write_jsonl(tmp_path / "test_topic_bbc.jsonl", [{"text": f"t{i}", "category": c} for c in DEFAULT_TASKS["category"]
+                                                    for i in range(20)])  # fmt: skip
+    monkeypatch.setattr(accuracy.MultiTaskPipeline, "from_pretrained", lambda *a, **k: FirstClassPipeline())
+    args = accuracy.BenchmarkArguments.__new__(accuracy.BenchmarkArguments)
+    args.data_dir, args.max_eval_samples, args.max_seq_length, args.seed = str(tmp_path), 10, 32, 0
+    report = accuracy.report_file(args, FirstClassPipeline(), "test_topic_bbc.jsonl")["category"]
+    assert report["num_examples"] == 10 and report["accuracy"] < 1.0
+    assert sum(report["support"]) == 10 and report["support"][1] + report["support"][2] > 0
+
+
+def test_accuracy_table_marks_the_columns_a_system_has_no_task_for():
+    import accuracy
+
+    rows = [{"system": "single", "BBC acc": 99.64, "AG News x-domain acc": 92.9, "train_s": 161.4, "eval_s": 3.2}]
+    cells = accuracy.markdown(rows).splitlines()[-1].strip("| ").split(" | ")
+    assert cells == ["single", "99.6", "92.9", "-", "-", "-", "-", "-", "161", "3"]  # under their own headers
+
+
 def test_accuracy_benchmark_refuses_a_data_folder_without_its_test_files(bench_dir):
     import accuracy
 
@@ -290,9 +312,13 @@ def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
         ]
     )
     assert len(report["training"]) == 4 and all(row["samples/s"] > 0 for row in report["training"])
+    ours = report["training"][0]["samples/s"]  # the speed-ups are ours over theirs: above 1 when mtl is faster
+    assert [row["mtl speed-up"] for row in report["training"]] == [ours / r["samples/s"] for r in report["training"]]
     assert report["training"][0]["mtl speed-up"] == 1.0
-    cached = report["frozen"][1]
-    assert cached["system"].endswith("cache=True") and cached["speed-up"] > 0
+    uncached, cached = report["frozen"]
+    assert cached["system"].endswith("cache=True") and cached["speed-up"] == uncached["seconds"] / cached["seconds"]
+    pipeline, sentence_transformer = report["inference"]
+    assert sentence_transformer["mtl speed-up"] == pipeline["samples/s"] / sentence_transformer["samples/s"]
     assert 0 <= cached["category acc"] <= 100
     assert [row["samples/s"] > 0 for row in report["inference"]] == [True, True]
     assert "### Speed" in results.read_text()

@@ -53,11 +53,14 @@ def test_embeddings_come_from_the_cache_the_second_time(tiny_model, tiny_tokeniz
 
 
 def test_cached_embeddings_equal_the_encoder_output(tiny_model, tiny_tokenizer, make_trainer):
-    dataset = make_trainer(tiny_model).train_dataset
-    cached = torch.tensor(cache_embeddings(tiny_model, dataset)[EMBEDDINGS_COLUMN][:])
+    rows = make_rows(16)
+    rows[0]["text"] = "the phone is great and the app is good and the chip is amazing"  # the others pad to its length
+    dataset = make_trainer(tiny_model, rows=rows).train_dataset
+    assert len({len(ids) for ids in dataset["input_ids"]}) > 1
+    cached = torch.tensor(cache_embeddings(tiny_model, dataset, batch_size=16)[EMBEDDINGS_COLUMN][:])
     tiny_model.eval()
     with torch.no_grad():
-        for i in (0, 5):
+        for i in (0, 1, 5):
             row = dataset[i]
             expected, _ = tiny_model.embed(torch.tensor([row["input_ids"]]), torch.tensor([row["attention_mask"]]))
             torch.testing.assert_close(cached[i], expected[0], atol=1e-5, rtol=1e-5)
@@ -87,6 +90,17 @@ def test_fingerprint_follows_the_encoder_weights(tiny_model, make_trainer):
         tiny_model.encoder.embeddings.word_embeddings.weight[5, 0] += 1.0
     assert fingerprint(tiny_model, dataset) != before
     assert fingerprint(tiny_model, dataset.select(range(4))) != fingerprint(tiny_model, dataset)
+    # the rows as selected, not the table under them: the same rows in another order are other embeddings
+    assert fingerprint(tiny_model, dataset.select(range(len(dataset))[::-1])) != fingerprint(tiny_model, dataset)
+
+
+def test_fingerprint_follows_the_pooling(tiny_encoder_dir, make_trainer):
+    from mtl import MultiTaskModel
+
+    mean = MultiTaskModel.from_encoder(tiny_encoder_dir, pooling="mean")
+    cls = MultiTaskModel.from_encoder(tiny_encoder_dir, pooling="cls")  # the same encoder weights
+    dataset = make_trainer(mean).train_dataset
+    assert fingerprint(mean, dataset) != fingerprint(cls, dataset)
 
 
 def test_no_caching_when_the_encoder_trains(tiny_model, make_trainer):

@@ -33,6 +33,7 @@ def test_round_trip_keeps_tasks_in_order(tmp_path):
         ({"tasks": {"topic": ["only"]}}, "at least 2"),
         ({"tasks": {"topic": ["a", "a"]}}, "twice"),
         ({"tasks": {"../evil": ["a", "b"]}}, "not allowed"),
+        ({"tasks": {"a/../../evil": ["a", "b"]}}, "not allowed"),  # a safe start is not enough: the whole name
         ({"tasks": {"encoder": ["a", "b"]}}, "not allowed"),
         ({"tasks": {"mean": ["a", "b"]}}, "not allowed"),  # its metrics would collide with the mean over tasks
         ({"tasks": {"topic": ["a", ""]}}, "empty"),

@@ -49,6 +49,22 @@ def test_all_formats_give_the_same_rows(tmp_path):
         assert label_matrix(dataset).tolist() == [[0, 0], [2, 2]], path
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_what_spreadsheets_and_editors_write_is_read(tmp_path, suffix):
+    # Excel's "CSV UTF-8" starts with a byte-order mark (else the first column is "\ufefftext"), files end in
+    # CRLF, and hand-edited ones carry blank lines between rows
+    rows = [{"text": "the phone", "category": "Tech"}, {"text": "the vote", "category": "Politics"}]
+    if suffix == ".jsonl":
+        lines = [json.dumps(row) for row in rows]
+    else:
+        separator = "," if suffix == ".csv" else "\t"
+        lines = [f"text{separator}category", *(f"{row['text']}{separator}{row['category']}" for row in rows)]
+    content = "\ufeff" + "\r\n\r\n".join(lines) + "\r\n"
+    dataset = load_files(write(tmp_path, f"excel{suffix}", content), TASKS)
+    assert dataset["text"][:] == ["the phone", "the vote"]
+    assert label_matrix(dataset)[:, 0].tolist() == [0, 2]
+
+
 def test_missing_labels_become_ignore_index(tmp_path):
     path = write(
         tmp_path,

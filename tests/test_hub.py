@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainingArguments
-from mtl.hub import base_model_id, build_model_card, detach_hub_push, latest_metrics
+from mtl.hub import _push_error_message, base_model_id, build_model_card, detach_hub_push, latest_metrics
 from mtl.modeling import DEFAULT_ENCODER_HUB_ID, default_encoder_path
 from tests.conftest import free_port, make_rows, train_flags, write_jsonl
 from tests.hub_server import HubServer
@@ -206,9 +207,19 @@ def test_model_card_gives_the_multitask_recipe(tmp_path):
         label_smoothing_factor=0.1,
         layerwise_lr_decay=0.7,
         task_weights=[1.0, 0.5],
+        head_learning_rate=1e-3,
+        freeze="sentiment",
+        unfreeze_encoder_after_epochs=1,
+        lr_gamma=0.5,
+        lr_step_epochs=2,
+        gradient_accumulation_steps=4,
     )
     card = build_model_card(config, args, {}, repo_id="me/mtl", averaged=["checkpoint-4", "checkpoint-6"]).text
     for row in (
+        "| frozen | sentiment, and the encoder for the first 1 epoch(s) |",
+        "| scheduler | StepLR: x0.5 every 2 epoch(s) |",
+        "| batch size | 32 per device x 1 device(s) x 4 accumulation step(s) |",
+        "| heads' learning rate | 0.001 |",
         "| task mixing | temperature, T=3 |",
         "| class weights | balanced |",
         "| label smoothing | 0.1 |",
@@ -219,15 +230,30 @@ def test_model_card_gives_the_multitask_recipe(tmp_path):
         assert row in card
 
 
-def test_base_model_is_a_hub_id_or_nothing(tmp_path):
+def test_base_model_is_a_hub_id_or_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("outputs/mtl-minilm").mkdir(parents=True)
     config = MultiTaskConfig()
     for name, expected in (
         (DEFAULT_ENCODER_HUB_ID, DEFAULT_ENCODER_HUB_ID),
         ("prajjwal1/bert-tiny", "prajjwal1/bert-tiny"),
         (str(tmp_path), None),  # a local encoder has no Hub id
+        ("outputs/mtl-minilm", None),  # nor a relative folder, though it reads like one
     ):
         config.name_or_path = name
         assert base_model_id(config) == expected
+    # a model trained further from a local mtl folder: credited to the encoder that folder started from
+    config.name_or_path, config.encoder.name_or_path = "outputs/mtl-minilm", "prajjwal1/bert-tiny"
+    assert base_model_id(config) == "prajjwal1/bert-tiny"
+
+
+def test_a_push_error_never_shows_the_token(tmp_path):
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_model_id=REPO_ID, hub_private_repo=False, hub_revision=None)
+    trainer = SimpleNamespace(args=args, hub_model_id=None)
+    echoed = ValueError(f"the server could not parse the header 'Authorization: Bearer {TOKEN}'")
+    message = _push_error_message(echoed, trainer, TOKEN)
+    assert TOKEN not in message and "Bearer <HUB_TOKEN>" in message
+    assert f"`hf upload {REPO_ID} {tmp_path} --exclude 'checkpoint-*'`" in message
 
 
 # ---- end to end: push, then load in fresh processes ----
@@ -354,6 +380,18 @@ def test_a_failed_push_suggests_the_upload_it_would_have_made(tiny_encoder_dir, 
     assert f"`hf upload my-model {output} --exclude 'checkpoint-*' --private --revision dev`" in error
     # the Hub would put `my-model` under the user's name, unknown offline: the card loads the saved model meanwhile
     assert f"MultiTaskPipeline.from_pretrained({str(output)!r})" in (output / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_bare_name_is_pushed_to_the_users_namespace_with_a_card_that_loads_it(
+    hub, tiny_encoder_dir, data_dir, tmp_path
+):
+    flags = push_flags(tiny_encoder_dir, data_dir, tmp_path / "model")
+    flags[flags.index("--hub_model_id") + 1] = "bare-name"  # the Hub puts it under the token's user
+    completed = run_python(["run_train.py", *flags], ROOT, hub_env(hub.url, tmp_path / "hf-home"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    card = hub.repos["user/bare-name"].files["README.md"].decode()
+    assert "MultiTaskPipeline.from_pretrained('user/bare-name')" in card and str(tmp_path) not in card
 
 
 @pytest.mark.slow

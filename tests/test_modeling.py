@@ -75,6 +75,12 @@ def test_labels_as_a_mapping_leave_out_tasks(tiny_model, tiny_tokenizer):
         tiny_model(**inputs, labels={})
 
 
+def test_a_label_matrix_must_have_one_column_per_task(tiny_model, tiny_tokenizer):
+    inputs = batch(tiny_tokenizer)
+    with pytest.raises(ValueError, match="labels"):  # a third column would be ignored without a word
+        tiny_model(**inputs, labels=torch.zeros((3, 3), dtype=torch.long))
+
+
 def test_forward_needs_texts_or_embeddings(tiny_model):
     with pytest.raises(ValueError, match=r"needs input_ids .* or pooled_embeddings"):
         tiny_model(attention_mask=torch.ones(1, 3, dtype=torch.long))

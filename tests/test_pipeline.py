@@ -157,9 +157,12 @@ def test_cli_bad_files_leave_no_output(tmp_path, saved_model, capsys, name, cont
     assert not list(tmp_path.glob(".out.jsonl.partial"))
 
 
-def test_cli_needs_texts_or_input(saved_model, capsys):
+def test_cli_needs_texts_or_input(tmp_path, saved_model, capsys):
     assert run(main, [str(saved_model)]) == 1
     assert "either texts on the command line or --input" in capsys.readouterr().err
+    (tmp_path / "in.txt").write_text("the phone\n")
+    assert run(main, [str(saved_model), "the vote", "--input", str(tmp_path / "in.txt")]) == 1  # not one ignored
+    assert "(one of them, not both)" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_file_name_given_as_a_text(tmp_path, saved_model, capsys, monkeypatch):

@@ -19,10 +19,10 @@ from transformers import TrainerCallback
 
 import run_eval
 import run_train
-from mtl import DEFAULT_TASKS, DataError, MultiTaskModel, MultiTaskTrainingArguments, load_files
-from mtl.checkpointing import TrainingInterrupted, latest_checkpoint, resolve_checkpoint
+from mtl import DEFAULT_TASKS, DataError, MultiTaskConfig, MultiTaskModel, MultiTaskTrainingArguments, load_files
+from mtl.checkpointing import TrainingInterrupted, check_checkpoint_tasks, latest_checkpoint, resolve_checkpoint
 from mtl.cli import run
-from mtl.modeling import load_multitask_model
+from mtl.modeling import load_multitask_model, load_tokenizer
 from tests.conftest import make_rows, train_flags, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +157,15 @@ def test_an_encoder_without_tokenizer_files_is_refused(tmp_path, tiny_encoder_di
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_without_its_vocabulary_is_refused(tmp_path, tiny_tokenizer):
+    # transformers still builds one from tokenizer_config.json: its special tokens only, every word [UNK]
+    tiny_tokenizer.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer files \(only \d+ special tokens were found\)"):
+        load_tokenizer(tmp_path)
+
+
 def test_a_model_saved_without_its_tokenizer_is_one_clear_error(tmp_path, tiny_model, capsys):
     tiny_model.save_pretrained(tmp_path / "model-only")  # the model alone: no tokenizer was saved with it
     capsys.readouterr()  # save_pretrained's progress bar
@@ -223,6 +232,14 @@ def test_labels_no_training_row_has_are_named(tmp_path, tiny_encoder_dir, data_d
 
 
 # ---- interrupted training ----
+
+
+def test_a_checkpoint_with_the_same_tasks_but_other_labels_is_refused(tmp_path):
+    # same names, same head shapes: loaded as is, the labels would come out permuted without a word
+    MultiTaskConfig(tasks={"topic": ["World", "Sports"]}).save_pretrained(tmp_path)
+    check_checkpoint_tasks(tmp_path, {"topic": ["World", "Sports"]})
+    with pytest.raises(ValueError, match=r"was trained with tasks \{'topic': \['World', 'Sports'\]\}, but this"):
+        check_checkpoint_tasks(tmp_path, {"topic": ["Sports", "World"]})
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):

@@ -196,6 +196,8 @@ def test_max_train_samples_is_applied_before_the_label_checks(tmp_path, tiny_enc
     argv = train_flags(tiny_encoder_dir, data_dir, tmp_path / "out", "--max_train_samples", "4")
     assert run(run_train.main, argv) == 1
     assert "no row has a label for task(s) ['sentiment']" in capsys.readouterr().err
+    # a frozen head learns nothing, so its task needs no training label: the way out the error names
+    assert run(run_train.main, [*argv, "--freeze", "sentiment", "--num_train_epochs", "1"]) == 0
 
 
 BAD_TRAINING_FILES = [
@@ -307,7 +309,7 @@ def test_eval_without_a_trained_default_model_says_to_train_one(tmp_path, monkey
     )
 
 
-def test_a_saved_model_trains_on_at_its_own_length(tmp_path, tiny_encoder_dir, data_dir):
+def test_a_saved_model_trains_on_at_its_own_length(tmp_path, tiny_encoder_dir, data_dir, capsys):
     def train(source: Path, output: str, *extra: str) -> int:
         flags = train_flags(source, data_dir, tmp_path / output, "--num_train_epochs", "1")
         run_train.main([*flags[: flags.index("--max_seq_length")], *extra])  # --max_seq_length only if in `extra`
@@ -320,3 +322,7 @@ def test_a_saved_model_trains_on_at_its_own_length(tmp_path, tiny_encoder_dir, d
     (tmp_path / "first" / "tokenizer_config.json").write_text(json.dumps({**stock, "model_max_length": 512}))
     assert train(tmp_path / "first", "third") == 64
     assert train(tiny_encoder_dir, "new") == 64  # a new model: 128, or the encoder's limit (64 here)
+    capsys.readouterr()
+    other_tasks = train_flags(tmp_path / "first", data_dir, tmp_path / "x", "--tasks", '{"topic": ["a", "b"]}')
+    assert run(run_train.main, other_tasks) == 1  # not silently ignored: the saved model keeps its own tasks
+    assert "--tasks cannot change the tasks of the saved mtl model" in capsys.readouterr().err
