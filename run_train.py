@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
     train = drop_unlabelled(train, train_source)
     require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
     warn_missing_classes(train, tasks, f"training data ({train_source})")
+    batch = training_args.train_batch_size * training_args.world_size
+    if training_args.dataloader_drop_last and len(train) < batch:  # not one full batch: nothing would train
+        raise ValueError(
+            f"--dataloader_drop_last drops every batch: training data ({train_source}) has {len(train)} rows, fewer "
+            f"than one batch of {batch}; lower --per_device_train_batch_size or leave --dataloader_drop_last off."
+        )
     from_hub = data_args.reads_hub("validation")
     validation = load_split(data_args, tasks, "validation")
     test = load_split(data_args, tasks, "test")

@@ -190,6 +190,10 @@ def flags(encoder, data_dir, output, *extra):
         (["--task_weights", "1", "2", "3"], "--task_weights has 3 value(s)"),
         (["--task_weights", "1", "-2"], "--task_weights must be non-negative"),
         (["--max_seq_length", "512"], "exceeds the encoder's limit of 64"),
+        (
+            ["--dataloader_drop_last", "true", "--per_device_train_batch_size", "64"],
+            "--dataloader_drop_last drops every batch: training data (",
+        ),
         (["--resume_from_checkpoint", "/nowhere/checkpoint-3"], "no such checkpoint folder"),
         (
             ["--load_best_model_at_end", "--save_strategy", "epoch", "--metric_for_best_model", "macro_recall"],
