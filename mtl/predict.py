@@ -45,6 +45,9 @@ class PredictArguments(InferenceArguments):
     )
     chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
 
+    def __post_init__(self):
+        check_predictions_file(self.output, "--output")
+
 
 def iter_texts(path: str | Path, text_column: str = "text") -> Iterator[str]:
     """Stream the texts of a .txt/.jsonl/.csv file, checking each one (blank .txt lines are skipped)."""
@@ -132,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"unknown option(s) {unknown}; see python -m mtl.predict --help.")
     positional.texts += rest
     setup_logging(logging.WARNING)
-    check_predictions_file(args.output, "--output")
     files = [text for text in positional.texts if text.lower().endswith(INPUT_SUFFIXES) and os.path.isfile(text)]
     if files:
         raise ValueError(f"{files[0]} is a file, not a text to label; to label its texts, use --input {files[0]}.")
