@@ -80,6 +80,14 @@ class SpeedArguments:
             "prediction uses bf16 on GPUs that support it either way (as MultiTaskPipeline does)."
         },
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the model of both Trainer systems (ours and the stock Trainer's, as "
+            "--torch_compile does in training); compilation falls in the untimed first epoch. The plain loop stays "
+            "eager, as the seed was."
+        },
+    )
     results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
 
     def __post_init__(self):
@@ -189,7 +197,9 @@ def time_trainer(trainer: Trainer) -> tuple[float, float]:
 
 def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
     model = MultiTaskModel.from_encoder(encoder_path(args))
-    training_args = hf_args(args, work, MultiTaskTrainingArguments, lr_scheduler_type="constant")
+    training_args = hf_args(
+        args, work, MultiTaskTrainingArguments, lr_scheduler_type="constant", torch_compile=args.torch_compile
+    )
     trainer = MultiTaskTrainer(
         model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
     )
@@ -201,7 +211,7 @@ def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple
     dataset = data["single_padded" if pad_to_max else "single"]
     trainer = Trainer(
         model=model,
-        args=hf_args(args, work),
+        args=hf_args(args, work, torch_compile=args.torch_compile),
         train_dataset=dataset,
         processing_class=tokenizer,
         # As run_classification.py pads in mixed precision, and as mtl's collator does: multiples of 8 tokens.
@@ -347,18 +357,19 @@ def main(argv=None) -> dict:
     data = prepare(args, tokenizer)
     work = tempfile.mkdtemp(prefix="mtl-speed-")
 
+    compiled = " (torch.compile)" if args.torch_compile else ""
     training = []
     for name, call in [
         (
-            "mtl MultiTaskTrainer, 2 tasks, defaults (dynamic padding, length-grouped batches)",
+            f"mtl MultiTaskTrainer, 2 tasks, defaults (dynamic padding, length-grouped batches){compiled}",
             lambda: multitask_training(args, data, tokenizer, work),
         ),
         (
-            "Trainer + AutoModelForSequenceClassification, 1 task, dynamic padding",
+            f"Trainer + AutoModelForSequenceClassification, 1 task, dynamic padding{compiled}",
             lambda: single_task_training(args, data, tokenizer, work, pad_to_max=False),
         ),
         (
-            "Trainer + AutoModelForSequenceClassification, 1 task, padded to max length",
+            f"Trainer + AutoModelForSequenceClassification, 1 task, padded to max length{compiled}",
             lambda: single_task_training(args, data, tokenizer, work, pad_to_max=True),
         ),
         (

@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny random BERT with a tiny word vocabulary, saved like a Hub encoder, fully offline."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -61,6 +66,46 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def launch_two_processes(
+    script_args: list[str], env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` a script with two CPU processes (DDP over gloo), as `subprocess.run` would, except that a
+    run still going after `timeout` seconds fails the test with every process's Python stack: a rank left waiting
+    at a collective says where, and no process outlives the test."""
+    # fmt: off
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        *script_args,
+    ]
+    # fmt: on
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        pass
+    stacks = stop_with_stacks(process)
+    pytest.fail(f"`accelerate launch` still running after {timeout} s; the processes' stacks:\n{stacks[-8000:]}")
+
+
+def stop_with_stacks(process: subprocess.Popen) -> str:
+    """Make `process` and its children print their Python stacks (faulthandler, on SIGABRT), kill them all, and
+    return their stderr. The launcher starts each rank in a session of its own, so they are found as its children."""
+    launcher = psutil.Process(process.pid)
+    processes = [*launcher.children(recursive=True), launcher]
+    for each in processes:  # one at a time, so that their stacks do not interleave
+        with contextlib.suppress(psutil.NoSuchProcess):
+            each.send_signal(signal.SIGABRT)
+            psutil.wait_procs([each], timeout=5)
+    for each in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            each.kill()
+    return process.communicate()[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -324,6 +324,30 @@ def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
     assert "### Speed" in results.read_text()
 
 
+def test_speed_benchmark_compiles_both_trainer_systems_and_not_the_plain_loop(
+    tmp_path, data_dir, tiny_encoder_dir, monkeypatch
+):
+    import speed
+    import torch
+
+    compiled = []  # what accelerate hands to torch.compile; returned as it is, so that the test need not compile
+
+    def record(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    # fmt: off
+    report = speed.main([
+        "--model_name_or_path", str(tiny_encoder_dir), "--data_file", str(data_dir / "train.jsonl"),
+        "--eval_file", str(data_dir / "test.jsonl"), "--batch_size", "4", "--max_seq_length", "32",
+        "--train_steps", "2", "--frozen_epochs", "1", "--torch_compile",
+    ])
+    # fmt: on
+    assert compiled == ["MultiTaskModel", "BertForSequenceClassification", "BertForSequenceClassification"]
+    assert [row["system"].endswith("(torch.compile)") for row in report["training"]] == [True, True, True, False]
+
+
 def test_accuracy_benchmark_passes_linear_probing_options(tmp_path, bench_dir, tiny_encoder_dir):
     import accuracy
     import torch

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,25 +9,22 @@ import torch
 from safetensors.torch import load_file
 
 import run_eval
-from tests.conftest import free_port, make_rows, write_jsonl
+from tests.conftest import launch_two_processes, make_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(encoder: Path, train_file: Path, output: Path, *flags: str) -> None:
-    """run_train.py under `accelerate launch` with two CPU processes; `flags` add to or override the defaults."""
+    """run_train.py with two CPU processes; `flags` add to or override the defaults."""
     # fmt: off
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+    completed = launch_two_processes([
         "run_train.py",
         "--model_name_or_path", str(encoder), "--train_file", str(train_file), "--validation_file", "",
         "--test_file", "", "--output_dir", str(output), "--use_cpu", "--num_train_epochs", "2",
         "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--disable_tqdm", "true", *flags,
-    ]
+    ])
     # fmt: on
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 

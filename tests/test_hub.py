@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainingArguments
 from mtl.hub import _push_error_message, base_model_id, build_model_card, detach_hub_push, latest_metrics
 from mtl.modeling import DEFAULT_ENCODER_HUB_ID, default_encoder_path
-from tests.conftest import free_port, make_rows, train_flags, write_jsonl
+from tests.conftest import free_port, launch_two_processes, make_rows, train_flags, write_jsonl
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,15 +416,9 @@ def test_a_second_push_leaves_no_result_of_the_first(hub, tiny_encoder_dir, data
 @pytest.mark.slow
 def test_a_failed_push_under_accelerate_launch_is_one_error_line(tiny_encoder_dir, data_dir, tmp_path):
     # The other process waits for the main one's push: it must not be left at a barrier the main one never reaches.
-    # fmt: off
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-        "run_train.py", *push_flags(tiny_encoder_dir, data_dir, tmp_path / "model"), "--test_file", "",
-    ]
-    # fmt: on
     env = hub_env(closed_port_url(), tmp_path / "hf-home")
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    flags = push_flags(tiny_encoder_dir, data_dir, tmp_path / "model")
+    completed = launch_two_processes(["run_train.py", *flags, "--test_file", ""], env)
     assert completed.returncode != 0
     errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: pushing to the Hub failed: cannot reach the Hub")

@@ -326,3 +326,28 @@ def test_a_saved_model_trains_on_at_its_own_length(tmp_path, tiny_encoder_dir, d
     other_tasks = train_flags(tmp_path / "first", data_dir, tmp_path / "x", "--tasks", '{"topic": ["a", "b"]}')
     assert run(run_train.main, other_tasks) == 1  # not silently ignored: the saved model keeps its own tasks
     assert "--tasks cannot change the tasks of the saved mtl model" in capsys.readouterr().err
+
+
+def test_torch_compile_trains_saves_plain_weights_and_keeps_the_encoder_frozen_while_asked(
+    tmp_path, tiny_encoder_dir, data_dir
+):
+    # The compiled model is a wrapper (`_orig_mod.`) around ours: the freezing hooks must still run inside it, and
+    # the saved weights must load as any model's.
+    output = tmp_path / "model"
+    flags = ["--torch_compile", "--unfreeze_encoder_after_epochs", "1", "--test_file", ""]
+    metrics = run_train.main(train_flags(tiny_encoder_dir, data_dir, output, *flags))
+    initial = load_file(tiny_encoder_dir / "model.safetensors")
+    epoch1, epoch2 = (load_file(output / f"checkpoint-{step}" / "model.safetensors") for step in (5, 10))
+    final = load_file(output / "model.safetensors")
+    heads = {f"heads.{task}.{p}" for task in ("category", "sentiment") for p in ("weight", "bias")}
+    assert set(final) == set(epoch1) == {f"encoder.{key}" for key in initial} | heads
+    assert all(torch.equal(epoch1[f"encoder.{key}"], initial[key]) for key in initial)
+    assert not all(torch.equal(epoch2[f"encoder.{key}"], initial[key]) for key in initial)
+    assert all(torch.equal(final[key], epoch2[key]) for key in final)
+    # The saved model predicts as the trainer's compiled model evaluated it.
+    reloaded = run_eval.main(
+        ["--model_name_or_path", str(output), "--test_file", str(data_dir / "validation.jsonl"),
+         "--output_dir", str(tmp_path / "eval")]
+    )  # fmt: skip
+    assert reloaded["category_accuracy"] == pytest.approx(metrics["eval"]["eval_category_accuracy"])
+    assert reloaded["sentiment_accuracy"] == pytest.approx(metrics["eval"]["eval_sentiment_accuracy"])
