@@ -10,7 +10,7 @@ import logging
 import sys
 
 from datasets import Dataset
-from transformers import set_seed
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, set_seed
 
 from mtl import MultiTaskConfig, MultiTaskModel, MultiTaskTrainer
 from mtl.args import DEFAULT_MAX_SEQ_LENGTH, DataArguments, ModelArguments, MultiTaskTrainingArguments
@@ -65,17 +65,12 @@ def check_evaluation_data(
                 check_metric_has_labels(training_args, counts, f"the validation data ({origin})")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = ArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
-    model_args, data_args, training_args = parse_arguments(parser, argv)
-    hub_push = detach_hub_push(training_args)  # pushed once at the end; the token kept out of training_args.bin
-    # Our progress on the main process only; transformers at its own --log_level (warnings by default).
-    level = logging.INFO if training_args.should_log else logging.WARNING
-    setup_logging(level, library_level=training_args.get_process_log_level())
-    set_seed(training_args.seed)
-
-    # 1. Tasks and label names come from the model: a saved mtl model's config, or --tasks for a new one. The
-    #    options that depend on them are checked now, before any data or weights are read.
+def resolve_tasks(
+    model_args: ModelArguments, training_args: MultiTaskTrainingArguments
+) -> tuple[str, PretrainedConfig, dict[str, list[str]], list[str]]:
+    """The model to start from, its config, the tasks with their labels and the frozen tasks. Tasks and label names
+    come from the model: a saved mtl model's config, or --tasks for a new one. The options that depend on them are
+    checked here, before any data or weights are read."""
     source = resolve_encoder_name(model_args.model_name_or_path)
     config = load_config(source)
     continuing = isinstance(config, MultiTaskConfig)
@@ -85,59 +80,103 @@ def main(argv: list[str] | None = None) -> dict:
     frozen = check_freeze(training_args.freeze, list(tasks), training_args.unfreeze_encoder_after_epochs)
     resolve_task_weights(training_args, list(tasks))
     check_metric_for_best_model(training_args, list(tasks))
-    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)  # before reading any data
-    tokenizer = load_tokenizer(source)
+    return source, config, tasks, frozen
+
+
+def choose_max_seq_length(
+    data_args: DataArguments, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """--max_seq_length, or the default: a saved model goes on at the length it was trained at (run_train.py stores
+    it as the tokenizer's), a new one at 128 or the encoder's limit if that is lower."""
     limit = token_limit(config)
-    # A saved model goes on at the length it was trained at (run_train.py stores it as the tokenizer's), a new one
-    # at 128 or the encoder's limit if that is lower.
-    saved = continuing and tokenizer.model_max_length < 1e6
-    default_length = tokenizer.model_max_length if saved else DEFAULT_MAX_SEQ_LENGTH
     # (a tokenizer saved by hand may hold its stock length, e.g. 512, beyond what the encoder reads)
+    saved = isinstance(config, MultiTaskConfig) and tokenizer.model_max_length < 1e6
+    default_length = tokenizer.model_max_length if saved else DEFAULT_MAX_SEQ_LENGTH
     data_args.set_max_seq_length(data_args.max_seq_length or min(default_length, limit or default_length))
     if limit and data_args.max_seq_length > limit:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} exceeds the encoder's limit of {limit} tokens.")
 
-    # 2. Read and check every data file before anything is written.
+
+def load_training_data(
+    data_args: DataArguments, training_args: MultiTaskTrainingArguments, tasks: dict, frozen: list[str]
+) -> Dataset:
+    """The training rows (--max_train_samples of them), each labelled for some task, every trained task labelled."""
     train = load_split(data_args, tasks, "train")
     if data_args.max_train_samples:  # before the label checks, which must hold for the rows that train
         train = train.select(range(min(data_args.max_train_samples, len(train))))
-    train_source = data_args.dataset_name if data_args.reads_hub("train") else ", ".join(data_args.train_file)
-    train = drop_unlabelled(train, train_source)
-    require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({train_source})")
-    warn_missing_classes(train, tasks, f"training data ({train_source})")
+    source = data_args.dataset_name if data_args.reads_hub("train") else ", ".join(data_args.train_file)
+    train = drop_unlabelled(train, source)
+    require_labels(train, tasks, [t for t in tasks if t not in frozen], f"training data ({source})")
+    warn_missing_classes(train, tasks, f"training data ({source})")
     batch = training_args.train_batch_size * training_args.world_size
     if training_args.dataloader_drop_last and len(train) < batch:  # not one full batch: nothing would train
         raise ValueError(
-            f"--dataloader_drop_last drops every batch: training data ({train_source}) has {len(train)} rows, fewer "
+            f"--dataloader_drop_last drops every batch: training data ({source}) has {len(train)} rows, fewer "
             f"than one batch of {batch}; lower --per_device_train_batch_size or leave --dataloader_drop_last off."
         )
-    from_hub = data_args.reads_hub("validation")
+    return train
+
+
+def load_evaluation_data(
+    data_args: DataArguments, training_args: MultiTaskTrainingArguments, tasks: dict
+) -> tuple[Dataset | None, Dataset | None]:
+    """The validation and test sets (--max_eval_samples of each); without a validation set, evaluation is off."""
     validation = load_split(data_args, tasks, "validation")
     test = load_split(data_args, tasks, "test")
     if validation is None:
         training_args.disable_evaluation(
-            f"{data_args.dataset_name} has no validation split" if from_hub else "--validation_file is empty"
+            f"{data_args.dataset_name} has no validation split"
+            if data_args.reads_hub("validation")
+            else "--validation_file is empty"
         )
     if data_args.max_eval_samples:
         validation, test = (
             d.select(range(min(data_args.max_eval_samples, len(d)))) if d else d for d in (validation, test)
         )
     check_evaluation_data(data_args, training_args, tasks, validation, test)
+    return validation, test
+
+
+def build_model(
+    source: str, config: PretrainedConfig, tasks: dict[str, list[str]], model_args: ModelArguments
+) -> MultiTaskModel:
+    """A saved mtl model trains on as it is; an encoder gets a new head per task."""
+    if isinstance(config, MultiTaskConfig):
+        return load_multitask_model(source, allow_pickle=model_args.allow_pickle)
+    return MultiTaskModel.from_encoder(
+        source,
+        tasks=tasks,
+        pooling=model_args.pooling,
+        classifier_dropout=model_args.classifier_dropout,
+        allow_pickle=model_args.allow_pickle,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = ArgumentParser((ModelArguments, DataArguments, MultiTaskTrainingArguments))
+    model_args, data_args, training_args = parse_arguments(parser, argv)
+    hub_push = detach_hub_push(training_args)  # pushed once at the end; the token kept out of training_args.bin
+    # Our progress on the main process only; transformers at its own --log_level (warnings by default).
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    setup_logging(level, library_level=training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    # 1. The tasks, the checkpoint to resume from and the sequence length: every option is checked before any data
+    #    or weights are read.
+    source, config, tasks, frozen = resolve_tasks(model_args, training_args)
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, resume, training_args.overwrite_output_dir)
+    tokenizer = load_tokenizer(source)
+    choose_max_seq_length(data_args, config, tokenizer)
+
+    # 2. Read and check every data file before anything is written.
+    train = load_training_data(data_args, training_args, tasks, frozen)
+    validation, test = load_evaluation_data(data_args, training_args, tasks)
 
     # 3. The model (the tokenizer was read in step 1).
     # Saved with the model, so that prediction truncates where training did (run_eval, the pipeline, mtl.predict).
     tokenizer.model_max_length = data_args.max_seq_length
-    if continuing:
-        model = load_multitask_model(source, allow_pickle=model_args.allow_pickle)
-    else:
-        model = MultiTaskModel.from_encoder(
-            source,
-            tasks=tasks,
-            pooling=model_args.pooling,
-            classifier_dropout=model_args.classifier_dropout,
-            allow_pickle=model_args.allow_pickle,
-        )
+    model = build_model(source, config, tasks, model_args)
     with training_args.main_process_first(desc="tokenizing"):
         train, validation, test = (
             tokenize(d, tokenizer, data_args.max_seq_length, data_args.text_column) if d else d

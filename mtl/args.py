@@ -375,6 +375,16 @@ class MultiTaskTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available():  # pinned memory only helps copies to a GPU (and warns without one)
             self.dataloader_pin_memory = False
         parse_freeze(self.freeze)
+        self._check_mixing()
+        self._check_learning_rates()
+        self._check_unfreezing()
+        self._check_hub_model_id()
+        self._check_averaging()
+        self._check_training_length()
+        self._check_report_to()
+
+    def _check_mixing(self) -> None:
+        """How tasks mix in the batches, and how their losses and classes are weighted."""
         if self.task_mixing not in MIXING_STRATEGIES:
             raise ValueError(f"--task_mixing {self.task_mixing!r} is not one of {list(MIXING_STRATEGIES)}.")
         if self.task_mixing != "proportional" and self.train_sampling_strategy in ("sequential", "batch_rebalance"):
@@ -386,44 +396,48 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"--mixing_temperature must be a positive number, got {self.mixing_temperature}.")
         if self.class_weights not in ("none", "balanced"):
             raise ValueError(f"--class_weights must be 'none' or 'balanced', got {self.class_weights!r}.")
-        if not 0 < self.layerwise_lr_decay <= 1:
-            raise ValueError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
-        if self.head_learning_rate is not None and not 0 < self.head_learning_rate < math.inf:
-            raise ValueError(f"--head_learning_rate must be a positive number, got {self.head_learning_rate}.")
-        if self.hub_model_id:
-            try:  # also refuses '..' and other path tricks
-                validate_repo_id(self.hub_model_id)
-            except HFValidationError as error:
-                raise ValueError(
-                    f"--hub_model_id {self.hub_model_id!r} is not a valid repository id: {error}"
-                ) from None
         weights = self.task_weights
         if weights is not None and (not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights)):
             raise ValueError(
                 f"--task_weights must be non-negative and finite, with at least one above 0, got {weights}."
             )
-        if self.unfreeze_encoder_after_epochs is not None:
-            if self.unfreeze_encoder_after_epochs < 1:
-                raise ValueError(
-                    f"--unfreeze_encoder_after_epochs must be at least 1, got {self.unfreeze_encoder_after_epochs}."
-                )
-            if self.freeze == "all":
-                raise ValueError("--unfreeze_encoder_after_epochs cannot be combined with --freeze all.")
-            if self.ddp_find_unused_parameters is False:
-                # Under DDP the frozen encoder's parameters get no gradient: DDP must be told to expect that.
-                raise ValueError(
-                    "--unfreeze_encoder_after_epochs needs --ddp_find_unused_parameters true (or unset): the "
-                    "encoder's parameters get no gradients while it is frozen."
-                )
-            # Unset, the Trainer would turn it off under --activation_checkpointing, and DDP would then fail.
-            self.ddp_find_unused_parameters = True
-        self._check_averaging()
-        self._check_training_length()
-        self._check_report_to()
+
+    def _check_learning_rates(self) -> None:
+        """mtl's own learning-rate options: per layer, for the heads, and the StepLR schedule."""
+        if not 0 < self.layerwise_lr_decay <= 1:
+            raise ValueError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
+        if self.head_learning_rate is not None and not 0 < self.head_learning_rate < math.inf:
+            raise ValueError(f"--head_learning_rate must be a positive number, got {self.head_learning_rate}.")
         if not 0 < self.lr_step_epochs < math.inf:
             raise ValueError(f"--lr_step_epochs must be a positive number, got {self.lr_step_epochs}.")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"--lr_gamma must be in (0, 1], got {self.lr_gamma}.")
+
+    def _check_unfreezing(self) -> None:
+        if self.unfreeze_encoder_after_epochs is None:
+            return
+        if self.unfreeze_encoder_after_epochs < 1:
+            raise ValueError(
+                f"--unfreeze_encoder_after_epochs must be at least 1, got {self.unfreeze_encoder_after_epochs}."
+            )
+        if self.freeze == "all":
+            raise ValueError("--unfreeze_encoder_after_epochs cannot be combined with --freeze all.")
+        if self.ddp_find_unused_parameters is False:
+            # Under DDP the frozen encoder's parameters get no gradient: DDP must be told to expect that.
+            raise ValueError(
+                "--unfreeze_encoder_after_epochs needs --ddp_find_unused_parameters true (or unset): the "
+                "encoder's parameters get no gradients while it is frozen."
+            )
+        # Unset, the Trainer would turn it off under --activation_checkpointing, and DDP would then fail.
+        self.ddp_find_unused_parameters = True
+
+    def _check_hub_model_id(self) -> None:
+        if not self.hub_model_id:
+            return
+        try:  # also refuses '..' and other path tricks
+            validate_repo_id(self.hub_model_id)
+        except HFValidationError as error:
+            raise ValueError(f"--hub_model_id {self.hub_model_id!r} is not a valid repository id: {error}") from None
 
     def _check_training_length(self) -> None:
         """Refuse values that would train nothing (and exit 0) or fail only at the first step."""
