@@ -174,6 +174,7 @@ def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **over
         "per_device_train_batch_size": args.batch_size,
         "num_train_epochs": 2,
         "dataloader_num_workers": loader_workers(),
+        "dataloader_pin_memory": torch.cuda.is_available(),  # (pinning helps only copies to a GPU, and warns without)
         "learning_rate": 1e-4,
         "save_strategy": "no",
         "eval_strategy": "no",
