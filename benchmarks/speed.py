@@ -11,10 +11,13 @@ Same texts, encoder, batch size and hardware for every system:
 2. the frozen encoder: 10 epochs of head training, with and without caching the pooled embeddings (end to end);
 3. inference: MultiTaskPipeline (both tasks) against SentenceTransformer.encode (one embedding, no heads).
 Peak memory is the peak resident set (CPU) or allocated memory (GPU) above the level before each system ran.
+Each "mtl speed-up" is our default trainer's samples/s over the row's; `--mtl_variants` adds rows of our trainer with
+other settings (under 1.0 where a variant is faster than the defaults).
 """
 
 import contextlib
 import ctypes
+import dataclasses
 import datetime
 import gc
 import json
@@ -88,12 +91,42 @@ class SpeedArguments:
             "eager, as the seed was."
         },
     )
+    mtl_variants: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More rows for our trainer: each a JSON object of MultiTaskTrainingArguments set on top of its "
+            'defaults, e.g. \'{"accelerator_config": {"non_blocking": true}}\' \'{"dataloader_num_workers": 4}\'; '
+            "timed like the other systems, so that one run (one GPU call) compares several settings."
+        },
+    )
     results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
 
     def __post_init__(self):
         for name in ("batch_size", "train_steps", "frozen_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        self.variants = [parse_variant(text) for text in self.mtl_variants]
+
+
+def parse_variant(text: str) -> dict:
+    """One --mtl_variants value: a JSON object whose keys are MultiTaskTrainingArguments fields."""
+    try:
+        variant = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--mtl_variants {text!r} is not valid JSON: {error}.") from None
+    if not isinstance(variant, dict) or not variant:
+        raise ValueError(
+            f"--mtl_variants {text!r} must be a JSON object of training arguments, e.g. '{{\"seed\": 1}}'."
+        )
+    known = {f.name for f in dataclasses.fields(MultiTaskTrainingArguments)}
+    unknown = sorted(set(variant) - known)
+    if unknown:
+        raise ValueError(f"--mtl_variants {text!r}: {unknown} are not MultiTaskTrainingArguments fields.")
+    try:  # a bad value is refused now, not after the systems before it have run
+        MultiTaskTrainingArguments(output_dir=tempfile.gettempdir(), **variant)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--mtl_variants {text!r}: {error}") from None
+    return variant
 
 
 def release_memory() -> None:
@@ -196,11 +229,10 @@ def time_trainer(trainer: Trainer) -> tuple[float, float]:
     return timer.second_epoch_throughput(len(trainer.train_dataset)), memory.mib
 
 
-def multitask_training(args, data, tokenizer, work) -> tuple[float, float]:
+def multitask_training(args, data, tokenizer, work, variant: dict | None = None) -> tuple[float, float]:
     model = MultiTaskModel.from_encoder(encoder_path(args))
-    training_args = hf_args(
-        args, work, MultiTaskTrainingArguments, lr_scheduler_type="constant", torch_compile=args.torch_compile
-    )
+    settings = {"lr_scheduler_type": "constant", "torch_compile": args.torch_compile, **(variant or {})}
+    training_args = hf_args(args, work, MultiTaskTrainingArguments, **settings)
     trainer = MultiTaskTrainer(
         model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
     )
@@ -377,6 +409,12 @@ def main(argv=None) -> dict:
             "plain PyTorch loop, 1 task, padded to max length, fp32 (seed style)",
             lambda: plain_loop_training(args, data, tokenizer, work),
         ),
+    ] + [
+        (
+            f"mtl MultiTaskTrainer, 2 tasks, defaults{compiled} + {json.dumps(variant)}",
+            lambda variant=variant: multitask_training(args, data, tokenizer, work, variant),
+        )
+        for variant in args.variants
     ]:
         samples, mib = call()
         training.append({"system": name, "samples/s": samples, "peak MiB": mib})

@@ -348,6 +348,55 @@ def test_speed_benchmark_compiles_both_trainer_systems_and_not_the_plain_loop(
     assert [row["system"].endswith("(torch.compile)") for row in report["training"]] == [True, True, True, False]
 
 
+def test_speed_benchmark_times_our_trainer_once_per_variant(tmp_path, data_dir, tiny_encoder_dir, monkeypatch):
+    import speed
+
+    trained = []  # each Trainer system's arguments, in order; not timed, to keep the test short
+
+    def record(trainer):
+        trained.append(trainer.args)
+        return 100.0 / len(trained), 0.0
+
+    monkeypatch.setattr(speed, "time_trainer", record)
+    # fmt: off
+    report = speed.main([
+        "--model_name_or_path", str(tiny_encoder_dir), "--data_file", str(data_dir / "train.jsonl"),
+        "--eval_file", str(data_dir / "test.jsonl"), "--batch_size", "4", "--max_seq_length", "32",
+        "--train_steps", "2", "--frozen_epochs", "1",
+        "--mtl_variants", '{"dataloader_drop_last": true}', '{"task_mixing": "round_robin", "seed": 7}',
+    ])
+    # fmt: on
+    ours, *_, drop_last, mixed = report["training"]
+    assert len(report["training"]) == 6  # the four systems, then one row per variant
+    assert drop_last["system"].endswith('defaults + {"dataloader_drop_last": true}')
+    assert mixed["system"].endswith('defaults + {"task_mixing": "round_robin", "seed": 7}')
+    default_args, variant_args = trained[0], trained[3:]
+    assert not default_args.dataloader_drop_last and default_args.task_mixing == "proportional"
+    assert variant_args[0].dataloader_drop_last and variant_args[0].task_mixing == "proportional"
+    assert (variant_args[1].task_mixing, variant_args[1].seed, variant_args[1].dataloader_drop_last) == (
+        "round_robin", 7, False
+    )  # fmt: skip
+    # each on top of the benchmark's own settings for our trainer, and timed against its default row
+    assert all(a.lr_scheduler_type == default_args.lr_scheduler_type == "constant" for a in variant_args)
+    assert mixed["mtl speed-up"] == ours["samples/s"] / mixed["samples/s"]
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"learning_rat": 0.1}', r"\['learning_rat'\] are not MultiTaskTrainingArguments fields"),
+        ('{"task_mixing": "bogus"}', "--task_mixing 'bogus' is not one of"),
+    ],
+)
+def test_speed_benchmark_refuses_a_bad_variant_before_running(variant, message):
+    import speed
+
+    with pytest.raises(ValueError, match=rf"--mtl_variants .*{message}"):
+        speed.main(["--mtl_variants", variant, "--data_file", "does-not-matter.jsonl"])
+
+
 def test_accuracy_benchmark_passes_linear_probing_options(tmp_path, bench_dir, tiny_encoder_dir):
     import accuracy
     import torch
