@@ -178,10 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer.model_max_length = data_args.max_seq_length
     model = build_model(source, config, tasks, model_args)
     with training_args.main_process_first(desc="tokenizing"):
-        train, validation, test = (
-            tokenize(d, tokenizer, data_args.max_seq_length, data_args.text_column) if d else d
-            for d in (train, validation, test)
-        )
+        length, column = data_args.max_seq_length, data_args.text_column
+        train = tokenize(train, tokenizer, length, column, max_windows=data_args.max_train_windows)
+        validation, test = (tokenize(d, tokenizer, length, column) if d else d for d in (validation, test))
 
     # 4. Train.
     collator = MultiTaskDataCollator.for_training_args(tokenizer, training_args)

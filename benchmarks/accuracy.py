@@ -105,6 +105,10 @@ class BenchmarkArguments:
         default=None,
         metadata={"help": "Fine-tuned systems: cut texts longer than --max_seq_length at a random length >= N."},
     )
+    max_train_windows: int = field(
+        default=1,
+        metadata={"help": "Fine-tuned systems: train on up to N windows of --max_seq_length tokens of a long text."},
+    )
     task_mixing: str = field(default="temperature", metadata={"help": "Task mixing of the multi-task model."})
     mixing_temperature: float = field(default=2.0, metadata={"help": "T of the temperature mixing."})
     label_smoothing_factor: float = field(default=0.1, metadata={"help": "Label smoothing of every system."})
@@ -339,6 +343,8 @@ def plan_system(args: BenchmarkArguments, system: str, tasks: dict) -> list[tupl
         common += ["--average_checkpoints", str(args.average_checkpoints)]
     if args.random_truncation_min_length:
         common += ["--random_truncation_min_length", str(args.random_truncation_min_length)]
+    if args.max_train_windows > 1:
+        common += ["--max_train_windows", str(args.max_train_windows)]
     if system == "multitask":
         extra = [*common, "--task_mixing", args.task_mixing, "--mixing_temperature", str(args.mixing_temperature)]
         return [prepare(args, system, tasks, extra)]

@@ -158,6 +158,16 @@ class DataArguments:
             "Default: off."
         },
     )
+    max_train_windows: int = field(
+        default=1,
+        metadata={
+            "help": "Augmentation for long documents: a training text longer than --max_seq_length tokens gives up "
+            "to N training rows, one per consecutive window of --max_seq_length tokens (its beginning, then the text "
+            "that truncation would drop), each with the text's labels; a window of less than a quarter of "
+            "--max_seq_length tokens is left out. Validation, test and prediction read a text's beginning. Default "
+            "1: truncation only."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training examples (quick runs, debugging)."}
     )
@@ -204,6 +214,10 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive number of examples, got {value}.")
+        if self.max_train_windows < 1:
+            raise ValueError(
+                f"--max_train_windows must be at least 1 (1: truncation only), got {self.max_train_windows}."
+            )
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -366,13 +367,37 @@ def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int = 128,
     text_column: str = "text",
+    max_windows: int = 1,
 ) -> datasets.Dataset:
-    """Token ids truncated to `max_seq_length`, unpadded: the collator pads each batch to its own longest text."""
+    """Token ids truncated to `max_seq_length`, unpadded: the collator pads each batch to its own longest text.
+
+    With `max_windows` > 1, a longer text gives up to that many rows, one per consecutive window of `max_seq_length`
+    tokens (the first window, then the text truncation would drop), each with the text's other columns (its labels).
+    A window of less than a quarter of `max_seq_length` tokens (a document's last few words) is left out.
+    """
 
     def encode(batch):
         return tokenizer(batch[text_column], truncation=True, max_length=max_seq_length)
 
-    return dataset.map(encode, batched=True, remove_columns=[text_column], desc="Tokenizing")
+    def encode_windows(batch):
+        encoded = tokenizer(
+            batch[text_column], truncation=True, max_length=max_seq_length, return_overflowing_tokens=True
+        )
+        sources = encoded.pop("overflow_to_sample_mapping")
+        keep, windows_of = [], Counter()
+        for index, source in enumerate(sources):
+            windows_of[source] += 1  # this is the text's n-th window
+            long_enough = len(encoded["input_ids"][index]) * 4 >= max_seq_length
+            if windows_of[source] == 1 or (windows_of[source] <= max_windows and long_enough):
+                keep.append(index)
+        windows = {name: [values[i] for i in keep] for name, values in encoded.items()}
+        others = {name: [values[sources[i]] for i in keep] for name, values in batch.items() if name != text_column}
+        return {**others, **windows}
+
+    if max_windows == 1:
+        return dataset.map(encode, batched=True, remove_columns=[text_column], desc="Tokenizing")
+    # Rows are added: every input column is replaced by encode_windows' own.
+    return dataset.map(encode_windows, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
 
 
 class MultiTaskDataCollator:

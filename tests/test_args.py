@@ -234,6 +234,15 @@ def test_random_truncation_must_fit_the_sequence_length(low):
     assert DataArguments(max_seq_length=64, random_truncation_min_length=64).random_truncation_min_length == 64
 
 
+@pytest.mark.parametrize("windows", [0, -2])
+def test_max_train_windows_is_at_least_one(windows):
+    with pytest.raises(
+        ValueError, match=rf"--max_train_windows must be at least 1 \(1: truncation only\), got {windows}"
+    ):
+        DataArguments(max_train_windows=windows)
+    assert DataArguments().max_train_windows == 1
+
+
 def test_tasks_from_json_text_and_files(tmp_path):
     tasks = {"topic": ["World", "Sports"], "tone": ["calm", "angry", "sad"]}
     assert ModelArguments(tasks=json.dumps(tasks)).parsed_tasks() == tasks

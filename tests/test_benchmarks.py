@@ -176,12 +176,13 @@ def test_accuracy_benchmark_on_one_task(tmp_path, bench_dir, tiny_encoder_dir, m
     argv = ["--data_dir", str(bench_dir), "--model_name_or_path", str(tiny_encoder_dir)]
     argv += ["--output_dir", str(tmp_path / "out"), "--max_train_samples", "8", "--num_train_epochs", "1"]
     argv += ["--max_seq_length", "32", "--batch_size", "4", "--systems", "single", "--tasks", "category"]
-    argv += ["--random_truncation_min_length", "8"]
+    argv += ["--random_truncation_min_length", "8", "--max_train_windows", "2"]
     calls, train = [], accuracy.run_train.main
     monkeypatch.setattr(accuracy.run_train, "main", lambda flags: calls.append(flags) or train(flags))
     (row,) = accuracy.main(argv)
     (flags,) = calls
     assert flags[flags.index("--random_truncation_min_length") + 1] == "8"  # passed on to run_train.py
+    assert flags[flags.index("--max_train_windows") + 1] == "2"
     assert 0.0 <= row["BBC acc"] <= 100.0 and 0.0 <= row["AG News x-domain acc"] <= 100.0
     assert "SemEval-2017 macro-recall" not in row  # the sentiment task was left out
     assert not (tmp_path / "out" / "single-sentiment").exists()

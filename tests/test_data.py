@@ -251,6 +251,33 @@ def test_tokenize_truncates_and_does_not_pad(tmp_path, tiny_tokenizer):
     assert set(dataset.column_names) >= {"input_ids", "attention_mask", "labels"}
 
 
+def test_long_training_texts_give_one_row_per_window_with_their_labels(tmp_path, tiny_tokenizer):
+    words = ["phone", "app", "chip", "laptop", "vote", "law", "match", "team", "goal", "coach"]
+    rows = [
+        # 40 words: windows of 14, 14 and 12
+        {"text": " ".join(words * 4), "category": "Tech", "sentiment": "Neutral"},
+        {"text": "the app", "category": "Sports", "sentiment": None},
+        # 15 words: 14, then a window of 1 word (3 tokens with [CLS] and [SEP]: under a quarter of 16)
+        {"text": " ".join((words * 2)[:15]), "category": None, "sentiment": "Positive"},
+    ]
+    path = write(tmp_path, "t.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    data = load_files(path, TASKS)
+    windows = tokenize(data, tiny_tokenizer, max_seq_length=16, max_windows=3)
+    cls, sep = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
+    word_ids = tiny_tokenizer.convert_tokens_to_ids(words * 4)
+    # the long text: its first window, then the next two, each [CLS] 14 words [SEP], in the text's order
+    assert windows["input_ids"][:3] == [[cls, *word_ids[i : i + 14], sep] for i in (0, 14, 28)]
+    assert windows["labels"][:3] == [data["labels"][0]] * 3
+    # the short text as it was; the 15-word text without its 1-word tail
+    assert windows["input_ids"][3] == tokenize(data, tiny_tokenizer, max_seq_length=16)["input_ids"][1]
+    assert windows["input_ids"][4] == [cls, *word_ids[:14], sep] and windows["labels"][3:] == data["labels"][1:]
+    assert len(windows) == 5
+    # at most max_windows a text, and max_windows=1 is plain truncation
+    assert len(tokenize(data, tiny_tokenizer, max_seq_length=16, max_windows=2)) == 4
+    one = tokenize(data, tiny_tokenizer, max_seq_length=16, max_windows=1)
+    assert one.to_list() == tokenize(data, tiny_tokenizer, max_seq_length=16).to_list()
+
+
 def long_and_short_rows(tmp_path, tokenizer, max_length: int = 16):
     texts = [" ".join(["phone", "app", "chip", "laptop"] * 10), "the app"]
     path = write(tmp_path, "t.jsonl", "".join(json.dumps({"text": t, "category": "Tech"}) + "\n" for t in texts))

@@ -104,6 +104,36 @@ def test_random_truncation_cuts_long_training_rows_only(tmp_path, tiny_encoder_d
     assert widths["eval"] == {32}  # validation rows are never cut
 
 
+def test_max_train_windows_trains_on_every_window_and_evaluates_on_the_beginning(
+    tmp_path, tiny_encoder_dir, data_dir, monkeypatch
+):
+    # 8 training texts of 59 words; at --max_seq_length 16 their windows hold 14 words, 14, 14, 14 and 3
+    words = ["phone", "vote", "match", "great", "awful", "law", "team", "app", "chip", "coach"]
+    text = " ".join((words * 6)[:59])
+    long_rows = [{"text": text, "category": "Tech", "sentiment": "Neutral"}] * 8
+    write_jsonl(data_dir / "train.jsonl", long_rows)
+    write_jsonl(data_dir / "validation.jsonl", long_rows[:4])
+    seen = {"train": [], "eval": []}
+
+    class Recording(run_train.MultiTaskTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            seen["train"] += [row[row != 0].tolist() for row in inputs["input_ids"]]
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def prediction_step(self, model, inputs, *args, **kwargs):
+            seen["eval"] += [row[row != 0].tolist() for row in inputs["input_ids"]]
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(run_train, "MultiTaskTrainer", Recording)
+    flags = ["--max_seq_length", "16", "--max_train_windows", "3", "--num_train_epochs", "1", "--test_file", ""]
+    run_train.main(train_flags(tiny_encoder_dir, data_dir, tmp_path / "model", *flags, test_file=False))
+    tokenizer = run_train.load_tokenizer(str(tiny_encoder_dir))
+    ids = tokenizer.convert_tokens_to_ids(text.split())
+    windows = [[tokenizer.cls_token_id, *ids[i : i + 14], tokenizer.sep_token_id] for i in (0, 14, 28)]
+    assert sorted(seen["train"]) == sorted(windows * 8)  # three windows of each text, each once an epoch
+    assert seen["eval"] == windows[:1] * 8  # validation (after the epoch, then at the end): each text's beginning
+
+
 def test_the_other_processes_wait_for_the_main_ones_writing(tmp_path, tiny_encoder_dir, data_dir, monkeypatch):
     # Under `accelerate launch` the processes leave the process group together at the end (see test_cli.py), only
     # after the main process's last write, the model card.
