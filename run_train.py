@@ -121,13 +121,12 @@ def load_evaluation_data(
     data_args: DataArguments, training_args: MultiTaskTrainingArguments, tasks: dict
 ) -> tuple[Dataset | None, Dataset | None]:
     """The validation and test sets (--max_eval_samples of each); without a validation set, evaluation is off."""
+    from_hub = data_args.reads_hub("validation")  # before load_split, which forgets a split the Hub set lacks
     validation = load_split(data_args, tasks, "validation")
     test = load_split(data_args, tasks, "test")
     if validation is None:
         training_args.disable_evaluation(
-            f"{data_args.dataset_name} has no validation split"
-            if data_args.reads_hub("validation")
-            else "--validation_file is empty"
+            f"{data_args.dataset_name} has no validation split" if from_hub else "--validation_file is empty"
         )
     if data_args.max_eval_samples:
         validation, test = (

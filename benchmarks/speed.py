@@ -105,11 +105,12 @@ class SpeedArguments:
         for name in ("batch_size", "train_steps", "frozen_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        self.variants = [parse_variant(text) for text in self.mtl_variants]
+        self.variants = [parse_variant(text, self) for text in self.mtl_variants]
 
 
-def parse_variant(text: str) -> dict:
-    """One --mtl_variants value: a JSON object whose keys are MultiTaskTrainingArguments fields."""
+def parse_variant(text: str, args: "SpeedArguments") -> dict:
+    """One --mtl_variants value: a JSON object whose keys are MultiTaskTrainingArguments fields, checked with the
+    benchmark's own settings of our trainer."""
     try:
         variant = json.loads(text)
     except json.JSONDecodeError as error:
@@ -122,8 +123,10 @@ def parse_variant(text: str) -> dict:
     unknown = sorted(set(variant) - known)
     if unknown:
         raise ValueError(f"--mtl_variants {text!r}: {unknown} are not MultiTaskTrainingArguments fields.")
-    try:  # a bad value is refused now, not after the systems before it have run
-        MultiTaskTrainingArguments(output_dir=tempfile.gettempdir(), **variant)
+    if "output_dir" in variant:
+        raise ValueError(f"--mtl_variants {text!r}: output_dir is the benchmark's own (a temporary folder).")
+    try:  # a bad value, or one that conflicts with the benchmark's settings, is refused before any system runs
+        multitask_args(args, tempfile.gettempdir(), variant)
     except (TypeError, ValueError) as error:
         raise ValueError(f"--mtl_variants {text!r}: {error}") from None
     return variant
@@ -229,10 +232,15 @@ def time_trainer(trainer: Trainer) -> tuple[float, float]:
     return timer.second_epoch_throughput(len(trainer.train_dataset)), memory.mib
 
 
+def multitask_args(args, work: str, variant: dict | None = None) -> MultiTaskTrainingArguments:
+    """Our trainer's arguments in the benchmark: its shared settings, a constant rate, then the variant's."""
+    settings = {"lr_scheduler_type": "constant", "torch_compile": args.torch_compile, **(variant or {})}
+    return hf_args(args, work, MultiTaskTrainingArguments, **settings)
+
+
 def multitask_training(args, data, tokenizer, work, variant: dict | None = None) -> tuple[float, float]:
     model = MultiTaskModel.from_encoder(encoder_path(args))
-    settings = {"lr_scheduler_type": "constant", "torch_compile": args.torch_compile, **(variant or {})}
-    training_args = hf_args(args, work, MultiTaskTrainingArguments, **settings)
+    training_args = multitask_args(args, work, variant)
     trainer = MultiTaskTrainer(
         model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
     )

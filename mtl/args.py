@@ -164,8 +164,8 @@ class DataArguments:
             "help": "Augmentation for long documents: a training text longer than --max_seq_length tokens gives up "
             "to N training rows, one per consecutive window of --max_seq_length tokens (its beginning, then the text "
             "that truncation would drop), each with the text's labels; a window of less than a quarter of "
-            "--max_seq_length tokens is left out. Validation, test and prediction read a text's beginning. Default "
-            "1: truncation only."
+            "--max_seq_length tokens is left out. Validation, test and prediction read a text's beginning. The "
+            "windows count as rows for --class_weights and --task_mixing. Default 1: truncation only."
         },
     )
     max_train_samples: int | None = field(

@@ -396,6 +396,12 @@ def tokenize(
 
     if max_windows == 1:
         return dataset.map(encode, batched=True, remove_columns=[text_column], desc="Tokenizing")
+    special = tokenizer.num_special_tokens_to_add()
+    if max_seq_length <= special:  # no room for text: the tokenizer would give the whole overflow as one window
+        raise ValueError(
+            f"--max_train_windows {max_windows} needs --max_seq_length above the {special} special tokens of each "
+            f"window, got {max_seq_length}."
+        )
     # Rows are added: every input column is replaced by encode_windows' own.
     return dataset.map(encode_windows, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
 

@@ -94,15 +94,17 @@ def launch_two_processes(
 
 
 def stop_with_stacks(process: subprocess.Popen) -> str:
-    """Make `process` and its children print their Python stacks (faulthandler, on SIGABRT), kill them all, and
-    return their stderr. The launcher starts each rank in a session of its own, so they are found as its children."""
+    """Make each rank under the launcher `process` print its Python stack (faulthandler, on SIGABRT), kill them all,
+    and return their stderr. The launcher is paused first: it would otherwise end the other ranks (SIGTERM, no stack)
+    as soon as the first one aborts. It starts each rank in a session of its own, so they are found as its children."""
     launcher = psutil.Process(process.pid)
-    processes = [*launcher.children(recursive=True), launcher]
-    for each in processes:  # one at a time, so that their stacks do not interleave
+    launcher.suspend()
+    ranks = launcher.children(recursive=True)
+    for rank in ranks:  # one at a time, so that their stacks do not interleave
         with contextlib.suppress(psutil.NoSuchProcess):
-            each.send_signal(signal.SIGABRT)
-            psutil.wait_procs([each], timeout=5)
-    for each in processes:
+            rank.send_signal(signal.SIGABRT)
+            psutil.wait_procs([rank], timeout=5)
+    for each in [*ranks, launcher]:
         with contextlib.suppress(psutil.NoSuchProcess):
             each.kill()
     return process.communicate()[1]

@@ -389,6 +389,8 @@ def test_speed_benchmark_times_our_trainer_once_per_variant(tmp_path, data_dir, 
         ("[1, 2]", "must be a JSON object"),
         ('{"learning_rat": 0.1}', r"\['learning_rat'\] are not MultiTaskTrainingArguments fields"),
         ('{"task_mixing": "bogus"}', "--task_mixing 'bogus' is not one of"),
+        ('{"average_checkpoints": 2}', "--average_checkpoints needs checkpoints"),  # the benchmark saves none
+        ('{"output_dir": "x"}', "output_dir is the benchmark's own"),
     ],
 )
 def test_speed_benchmark_refuses_a_bad_variant_before_running(variant, message):

@@ -276,6 +276,10 @@ def test_long_training_texts_give_one_row_per_window_with_their_labels(tmp_path,
     assert len(tokenize(data, tiny_tokenizer, max_seq_length=16, max_windows=2)) == 4
     one = tokenize(data, tiny_tokenizer, max_seq_length=16, max_windows=1)
     assert one.to_list() == tokenize(data, tiny_tokenizer, max_seq_length=16).to_list()
+    # a window must hold some text besides [CLS] and [SEP]
+    with pytest.raises(ValueError, match=r"--max_train_windows 3 needs --max_seq_length above the 2 special tokens"):
+        tokenize(data, tiny_tokenizer, max_seq_length=2, max_windows=3)
+    assert len(tokenize(data, tiny_tokenizer, max_seq_length=3, max_windows=3)) == 3 + 2 + 3  # a word a window
 
 
 def long_and_short_rows(tmp_path, tokenizer, max_length: int = 16):

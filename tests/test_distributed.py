@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -132,3 +133,19 @@ def test_two_processes_make_the_same_step_as_one_process_with_their_batches_toge
     # and the same training loss is reported (one step, never logged: the processes' parts must be averaged)
     losses = [json.loads((tmp_path / run / "train_results.json").read_text())["train_loss"] for run in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+
+
+def test_a_hanging_launch_fails_with_every_ranks_stack_and_leaves_no_process(tmp_path):
+    # Rank 0 waits at a barrier that rank 1, asleep, never reaches: what a collective left unmatched looks like.
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import time\nimport torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "if dist.get_rank() == 1:\n    time.sleep(600)  # rank 1 sleeps\n"
+        "dist.barrier()  # rank 0 waits\n"
+    )
+    with pytest.raises(pytest.fail.Exception, match="still running after 20 s") as failure:
+        launch_two_processes([str(script)], timeout=20)
+    stacks = str(failure.value)
+    assert "line 5 in <module>" in stacks and "line 6 in <module>" in stacks  # where each rank was
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])]

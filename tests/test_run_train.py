@@ -319,6 +319,12 @@ def test_a_hub_data_set_gives_the_splits_it_has_and_explicit_files_win(
     assert "has no 'validation' split (it has ['test', 'train'])" in capsys.readouterr().err  # skipped, no crash
     assert json.loads((tmp_path / "hub" / "trainer_state.json").read_text())["global_step"] == 3  # 24 rows / 8
 
+    best = ["--load_best_model_at_end", "--output_dir", str(tmp_path / "best")]
+    assert run(run_train.main, [*flags, *best]) == 1  # the reason names the data set, not an empty file option
+    assert "--load_best_model_at_end needs a validation set, but user/news has no validation split" in (
+        capsys.readouterr().err
+    )
+
     local = ["--validation_file", str(data_dir / "validation.jsonl"), "--output_dir", str(tmp_path / "local")]
     metrics = run_train.main([*flags, *local])  # a file given explicitly is read next to the Hub's splits
     assert set(metrics) == {"train", "eval", "test"}
