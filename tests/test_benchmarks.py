@@ -458,3 +458,44 @@ def test_no_training_process_starts_once_the_runs_are_stopped(tmp_path):
         assert sleeper.wait(timeout=30) != 0  # terminated
         with pytest.raises(RuntimeError, match="another run failed"):
             processes.start([sys.executable, "-c", "pass"], log)
+
+
+def test_layer_probe_of_a_plain_encoder(tmp_path, tiny_encoder_dir, capsys):
+    import probe_layers
+
+    rows = make_rows(36)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    sentiment_only = write_jsonl(tmp_path / "sentiment.jsonl", [{**row, "category": None} for row in rows])
+    argv = ["--model_name_or_path", str(tiny_encoder_dir), "--task", "category", "--train_file", str(train)]
+    argv += ["--inverse_regularization", "1000"]  # nearly unregularised: the rows are few, the features unit-length
+    table = probe_layers.main([*argv, "--test_files", str(train)])
+    # The embeddings and each of the tiny BERT's two layers; the topic word alone decides the category, so the
+    # pooled word embeddings separate the training rows.
+    assert [row["layer"] for row in table] == [0, 1, 2]
+    assert table[0]["train.jsonl acc"] == pytest.approx(100.0)
+    assert all(0.0 <= value <= 100.0 for row in table for key, value in row.items() if key != "layer")
+    assert "| embeddings | 100.0 | 100.0 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"sentiment\.jsonl: no row has a 'category' label"):
+        probe_layers.main([*argv, "--test_files", str(sentiment_only)])
+    with pytest.raises(ValueError, match=r"choose from \['category', 'sentiment'\]"):
+        probe_layers.main([*argv[:2], "--task", "topic", *argv[4:], "--test_files", str(train)])
+
+
+def test_layer_probe_reads_a_saved_models_tasks_and_pooling(tmp_path, tiny_encoder_dir, tiny_tokenizer, monkeypatch):
+    import probe_layers
+
+    from mtl import MultiTaskModel
+
+    topics = ["Tech", "Sports", "Politics"]
+    model = MultiTaskModel.from_encoder(tiny_encoder_dir, tasks={"topic": topics}, pooling="cls")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": r["text"], "topic": r["category"]} for r in make_rows(18)])
+    poolings = []
+    real_pool = probe_layers.pool
+    monkeypatch.setattr(probe_layers, "pool", lambda *a: poolings.append(a[2]) or real_pool(*a))
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--task", "topic", "--train_file", str(rows)]
+    table = probe_layers.main([*argv, "--test_files", str(rows)])
+    assert len(table) == 3 and set(poolings) == {"cls"}
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        probe_layers.main([*argv, "--test_files", str(tmp_path / "missing.jsonl")])
