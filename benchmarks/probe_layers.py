@@ -1,5 +1,6 @@
 """Where an encoder holds a task's information: a linear probe on every layer's pooled states.
 
+    python benchmarks/probe_layers.py  # all-MiniLM-L6-v2, the first default task, on data/train.jsonl and test.jsonl
     python benchmarks/probe_layers.py --model_name_or_path outputs/bench-accuracy/multitask/model --task category \
         --train_file ../shared/data/bench/train.jsonl --test_files ../shared/data/bench/xdomain_topic_agnews.jsonl
 
@@ -25,26 +26,36 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mtl import MultiTaskConfig, MultiTaskModel, load_files
+from mtl.args import DEFAULT_DATA_FILES, InferenceArguments
 from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.data import label_matrix
 from mtl.metrics import ClassificationMetrics
 from mtl.modeling import load_config, load_multitask_model, load_tokenizer, pool, resolve_encoder_name
+from mtl.pipeline import resolve_device
 
 logger = logging.getLogger("benchmarks.probe_layers")
 
 
 @dataclass
-class ProbeArguments:
-    task: str = field(
-        metadata={"help": "The task to probe: one of the model's tasks (for a plain encoder, of the default tasks)."}
-    )
-    train_file: str = field(metadata={"help": "Labelled file to fit the probes on (its rows labelled for --task)."})
-    test_files: list[str] = field(metadata={"help": "Labelled files the probes are scored on."})
+class ProbeArguments(InferenceArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved mtl model, or an encoder (default: all-MiniLM-L6-v2)."}
     )
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "The task to probe (default: the model's first; for a plain encoder, of the default tasks)."
+        },
+    )
+    train_file: str = field(
+        default=DEFAULT_DATA_FILES["train"],
+        metadata={"help": "Labelled file to fit the probes on (its rows labelled for --task)."},
+    )
+    test_files: list[str] = field(
+        default_factory=lambda: [DEFAULT_DATA_FILES["test"]],
+        metadata={"help": "Labelled files to score the probes on (their rows labelled for --task)."},
+    )
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per text."})
-    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
     inverse_regularization: float = field(
         default=10.0, metadata={"help": "C of the logistic regression (larger: weaker L2 penalty)."}
     )
@@ -55,18 +66,21 @@ class ProbeArguments:
         missing = [path for path in (self.train_file, *self.test_files) if not Path(path).is_file()]
         if missing:
             raise FileNotFoundError(f"No such file(s): {missing}; pass labelled CSV/TSV/JSON/JSON Lines files.")
+        names = [Path(path).name for path in self.test_files]
+        if len(set(names)) < len(names):  # the table's columns are named by file name
+            raise ValueError(f"--test_files: two files share a name ({names}); copy or link one under another name.")
         if self.inverse_regularization <= 0:
             raise ValueError(f"--inverse_regularization must be > 0, got {self.inverse_regularization}.")
 
 
-def load_encoder(name_or_path: str | None) -> tuple[torch.nn.Module, MultiTaskConfig, object]:
-    """The encoder, the mtl config that says how it pools and which tasks exist, and the tokenizer."""
-    path = resolve_encoder_name(name_or_path)
+def load_encoder(args: ProbeArguments) -> tuple[torch.nn.Module, MultiTaskConfig, object]:
+    """The encoder (on --device), the mtl config that says how it pools and which tasks exist, and the tokenizer."""
+    path = resolve_encoder_name(args.model_name_or_path)
     if isinstance(load_config(path), MultiTaskConfig):
-        model = load_multitask_model(path)
+        model = load_multitask_model(path, allow_pickle=args.allow_pickle)
     else:
-        model = MultiTaskModel.from_encoder(path)
-    return model.encoder.eval(), model.config, load_tokenizer(path)
+        model = MultiTaskModel.from_encoder(path, allow_pickle=args.allow_pickle)
+    return model.encoder.to(resolve_device(args.device)).eval(), model.config, load_tokenizer(path)
 
 
 @torch.inference_mode()
@@ -78,11 +92,12 @@ def layer_features(encoder, tokenizer, texts: list[str], pooling: str, args: Pro
     for start in tqdm(range(0, len(texts), args.batch_size), desc="Encoding", unit="batch"):
         rows = order[start : start + args.batch_size]
         batch = tokenizer.pad([{key: values[i] for key, values in encoded.items()} for i in rows], return_tensors="pt")
+        batch = batch.to(encoder.device)
         states = encoder(**batch, output_hidden_states=True).hidden_states
         pooled = torch.stack([pool(state, batch["attention_mask"], pooling) for state in states], dim=1)
         if features is None:
             features = np.empty((len(texts), *pooled.shape[1:]), dtype=np.float32)
-        features[rows] = pooled.float().numpy()
+        features[rows] = pooled.float().cpu().numpy()
     return features
 
 
@@ -101,7 +116,8 @@ def labelled(path: str, config: MultiTaskConfig, task: str, limit: int | None = 
 
 def probe(args: ProbeArguments) -> list[dict]:
     """One row per hidden state: {"layer": k, "<file> acc": ..., "<file> macro-recall": ...} (percentages)."""
-    encoder, config, tokenizer = load_encoder(args.model_name_or_path)
+    encoder, config, tokenizer = load_encoder(args)
+    args.task = args.task or config.task_names[0]
     if args.task not in config.tasks:
         raise ValueError(f"--task {args.task!r} is not a task of the model; choose from {config.task_names}.")
     texts, train_ids = labelled(args.train_file, config, args.task, args.max_train_samples, args.seed)

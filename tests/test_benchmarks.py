@@ -499,3 +499,9 @@ def test_layer_probe_reads_a_saved_models_tasks_and_pooling(tmp_path, tiny_encod
     assert len(table) == 3 and set(poolings) == {"cls"}
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         probe_layers.main([*argv, "--test_files", str(tmp_path / "missing.jsonl")])
+    (tmp_path / "copy").mkdir()
+    copy = write_jsonl(tmp_path / "copy" / "rows.jsonl", [])
+    with pytest.raises(ValueError, match="two files share a name"):
+        probe_layers.main([*argv, "--test_files", str(rows), str(copy)])
+    # Without --task: the model's first (here only) task.
+    assert probe_layers.main([*argv[:2], *argv[4:], "--test_files", str(rows)]) == table
