@@ -117,16 +117,16 @@ def labelled(path: str, config: MultiTaskConfig, task: str, limit: int | None = 
 def probe(args: ProbeArguments) -> list[dict]:
     """One row per hidden state: {"layer": k, "<file> acc": ..., "<file> macro-recall": ...} (percentages)."""
     encoder, config, tokenizer = load_encoder(args)
-    args.task = args.task or config.task_names[0]
-    if args.task not in config.tasks:
-        raise ValueError(f"--task {args.task!r} is not a task of the model; choose from {config.task_names}.")
-    texts, train_ids = labelled(args.train_file, config, args.task, args.max_train_samples, args.seed)
+    task = args.task or config.task_names[0]
+    if task not in config.tasks:
+        raise ValueError(f"--task {task!r} is not a task of the model; choose from {config.task_names}.")
+    texts, train_ids = labelled(args.train_file, config, task, args.max_train_samples, args.seed)
     if len(np.unique(train_ids)) < 2:
-        raise ValueError(f"{args.train_file}: the {args.task!r} labels have one class only; a probe needs two.")
+        raise ValueError(f"{args.train_file}: the {task!r} labels have one class only; a probe needs two.")
     train = layer_features(encoder, tokenizer, texts, config.pooling, args)
     tests = {}
     for path in args.test_files:
-        test_texts, test_ids = labelled(path, config, args.task)
+        test_texts, test_ids = labelled(path, config, task)
         tests[Path(path).name] = (layer_features(encoder, tokenizer, test_texts, config.pooling, args), test_ids)
     metric = ClassificationMetrics()
     rows = []
@@ -137,7 +137,7 @@ def probe(args: ProbeArguments) -> list[dict]:
         for name, (features, gold) in tests.items():
             predicted = classifier.predict(normalize(features[:, layer]))
             scores = metric.compute(
-                predictions=predicted.tolist(), references=gold.tolist(), num_labels=len(config.tasks[args.task])
+                predictions=predicted.tolist(), references=gold.tolist(), num_labels=len(config.tasks[task])
             )
             row[f"{name} acc"] = 100 * scores["accuracy"]
             row[f"{name} macro-recall"] = 100 * scores["macro_recall"]
