@@ -44,17 +44,22 @@ class EvalArguments(InferenceArguments):
     def __post_init__(self):
         self.predictions_file = self.predictions_file or None  # "" (a config file's way to say none)
         check_predictions_file(self.predictions_file, "--predictions_file")
+        # Both before the model is read: a Hub id is fetched first (with network retries), so a mistyped path or a
+        # model not yet trained should cost nothing.
+        if self.model_name_or_path == DEFAULT_OUTPUT_DIR and not Path(DEFAULT_OUTPUT_DIR).exists():
+            raise FileNotFoundError(
+                f"{DEFAULT_OUTPUT_DIR}: no such model directory; train one with `python run_train.py` first, or pass "
+                "--model_name_or_path DIR_OR_HUB_ID."
+            )
+        if not Path(self.test_file).is_file():
+            raise FileNotFoundError(
+                f"--test_file {self.test_file}: no such file; pass a labelled CSV/TSV/JSON/JSON Lines file."
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_arguments(ArgumentParser(EvalArguments), argv)
     setup_logging()
-    if args.model_name_or_path == DEFAULT_OUTPUT_DIR and not Path(DEFAULT_OUTPUT_DIR).exists():
-        # Also a well-formed Hub id: say what is missing now, not after the Hub's network retries.
-        raise FileNotFoundError(
-            f"{DEFAULT_OUTPUT_DIR}: no such model directory; train one with `python run_train.py` first, or pass "
-            "--model_name_or_path DIR_OR_HUB_ID."
-        )
     pipeline = MultiTaskPipeline.from_pretrained(
         args.model_name_or_path,
         device=args.device,

@@ -147,6 +147,15 @@ def test_predictions_are_written_only_to_a_jsonl_file(tmp_path, capsys):
     )
 
 
+def test_a_missing_test_file_is_refused_before_the_model_is_read(tmp_path, capsys):
+    missing = tmp_path / "tset.jsonl"
+    argv = ["--model_name_or_path", "no-such-org/no-such-model", "--test_file", str(missing)]
+    assert run(run_eval.main, argv) == 1  # a Hub id would be fetched first (with retries) if the file came second
+    assert capsys.readouterr().err == (
+        f"error: --test_file {missing}: no such file; pass a labelled CSV/TSV/JSON/JSON Lines file.\n"
+    )
+
+
 def test_an_encoder_without_tokenizer_files_is_refused(tmp_path, tiny_encoder_dir, data_dir, capsys):
     # transformers would build a tokenizer of special tokens only from the config: every word read as [UNK]
     encoder = tmp_path / "no-tokenizer"
