@@ -27,9 +27,24 @@ CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 DEBUG_ENV = "MTL_DEBUG"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, except where the help says what the default is: an unset option
+    often means "worked out from something else" (e.g. the length the model was trained at), and "(default: None)"
+    after that reads as a contradiction."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` whose errors are one line: argparse prints the whole usage first (130 lines for
     run_train.py), which buries the message."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -1,6 +1,7 @@
 """mtl.cli: how the entry points end."""
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import run_train
-from mtl.cli import run
+from mtl.cli import ArgumentParser, run
 from tests.conftest import free_port
 
 
@@ -90,3 +91,18 @@ def test_a_bad_flag_value_is_one_line_without_the_usage(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # argparse would print some 130 lines of usage before it
     assert re.fullmatch(r".*error: argument --num_train_epochs.*invalid float value: 'three' \(see .* --help\)\n", err)
+
+
+@dataclass
+class HelpExample:
+    batch_size: int = field(default=64, metadata={"help": "Texts per forward pass."})
+    max_length: int | None = field(default=None, metadata={"help": "Tokens (default: the model's own length)."})
+    device: str | None = field(default=None, metadata={"help": "Where to run."})
+
+
+def test_help_gives_each_default_once():
+    text = " ".join(ArgumentParser(HelpExample).format_help().split())
+    assert "Texts per forward pass. (default: 64)" in text
+    assert "Tokens (default: the model's own length)." in text
+    assert "own length). (default: None)" not in text  # said by the help already
+    assert "Where to run. (default: None)" in text  # an unset option the help does not explain keeps its default
