@@ -42,6 +42,8 @@ class EvalArguments(InferenceArguments):
     )
 
     def __post_init__(self):
+        super().__post_init__()
+        self.check_max_length(self.max_seq_length, "--max_seq_length")
         self.predictions_file = self.predictions_file or None  # "" (a config file's way to say none)
         check_predictions_file(self.predictions_file, "--predictions_file")
         # Both before the model is read: a Hub id is fetched first (with network retries), so a mistyped path or a

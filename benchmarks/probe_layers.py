@@ -63,6 +63,8 @@ class ProbeArguments(InferenceArguments):
     seed: int = field(default=0, metadata={"help": "Seed of the training sample."})
 
     def __post_init__(self):
+        super().__post_init__()
+        self.check_max_length(self.max_seq_length, "--max_seq_length")
         missing = [path for path in (self.train_file, *self.test_files) if not Path(path).is_file()]
         if missing:
             raise FileNotFoundError(f"No such file(s): {missing}; pass labelled CSV/TSV/JSON/JSON Lines files.")

@@ -109,6 +109,16 @@ class InferenceArguments:
     device: str | None = field(default=None, metadata={"help": "'cpu', 'cuda', ... (default: cuda when present)."})
     allow_pickle: bool = field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
 
+    # Checked here, with the flags' names, before any model is read (the pipeline would check them only after).
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1 text, got {self.batch_size}.")
+
+    @staticmethod
+    def check_max_length(length: int | None, flag: str) -> None:
+        if length is not None and length < 2:  # [CLS] and [SEP] alone: as --max_seq_length in training
+            raise ValueError(f"{flag} must be at least 2 tokens, got {length}.")
+
 
 # The project's own data (data/); with --dataset_name, a split whose file is left at its default comes from the Hub.
 DEFAULT_DATA_FILES = {"train": "data/train.jsonl", "validation": "data/validation.jsonl", "test": "data/test.jsonl"}

@@ -46,6 +46,10 @@ class PredictArguments(InferenceArguments):
     chunk_size: int = field(default=4096, metadata={"help": "Texts read, sorted and labelled at a time."})
 
     def __post_init__(self):
+        super().__post_init__()
+        self.check_max_length(self.max_length, "--max_length")
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk_size must be at least 1 text, got {self.chunk_size}.")
         check_predictions_file(self.output, "--output")
 
 

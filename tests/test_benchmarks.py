@@ -503,5 +503,9 @@ def test_layer_probe_reads_a_saved_models_tasks_and_pooling(tmp_path, tiny_encod
     copy = write_jsonl(tmp_path / "copy" / "rows.jsonl", [])
     with pytest.raises(ValueError, match="two files share a name"):
         probe_layers.main([*argv, "--test_files", str(rows), str(copy)])
+    with pytest.raises(ValueError, match="--max_seq_length must be at least 2 tokens, got 1"):
+        probe_layers.main([*argv, "--test_files", str(rows), "--max_seq_length", "1"])
+    with pytest.raises(ValueError, match="--batch_size must be at least 1 text, got 0"):
+        probe_layers.main([*argv, "--test_files", str(rows), "--batch_size", "0"])
     # Without --task: the model's first (here only) task.
     assert probe_layers.main([*argv[:2], *argv[4:], "--test_files", str(rows)]) == table

@@ -223,9 +223,17 @@ def test_bad_sizes_are_refused(saved_model, settings, message):
         MultiTaskPipeline.from_pretrained(saved_model, device="cpu", **settings)
 
 
-def test_cli_bad_chunk_size_is_one_error(saved_model, capsys):
-    assert run(main, [str(saved_model), "some text", "--chunk_size", "0"]) == 1
-    assert "chunk_size (--chunk_size) must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--chunk_size", "0"], "--chunk_size must be at least 1 text, got 0."),
+        (["--batch_size", "0"], "--batch_size must be at least 1 text, got 0."),
+        (["--max_length", "1"], "--max_length must be at least 2 tokens, got 1."),
+    ],
+)
+def test_cli_bad_sizes_are_one_error_before_the_model_is_read(tmp_path, capsys, flags, message):
+    assert run(main, [str(tmp_path / "never-read"), "some text", *flags]) == 1  # no model there: not looked for
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_roberta_style_encoders_are_cut_below_their_padding_offset(tmp_path, tiny_tokenizer):

@@ -147,6 +147,18 @@ def test_predictions_are_written_only_to_a_jsonl_file(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch_size", "0"], "--batch_size must be at least 1 text, got 0."),
+        (["--max_seq_length", "1"], "--max_seq_length must be at least 2 tokens, got 1."),
+    ],
+)
+def test_eval_bad_sizes_are_refused_before_the_model_is_read(capsys, flags, message):
+    assert run(run_eval.main, ["--model_name_or_path", "no-such-org/no-such-model", *flags]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_a_missing_test_file_is_refused_before_the_model_is_read(tmp_path, capsys):
     missing = tmp_path / "tset.jsonl"
     argv = ["--model_name_or_path", "no-such-org/no-such-model", "--test_file", str(missing)]
