@@ -14,7 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments, integrations
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SchedulerType
 
-from .configuration import DEFAULT_TASKS, validate_tasks
+from .configuration import DEFAULT_TASKS, POOLING_MODES, validate_tasks
 from .freezing import parse_freeze
 from .sampling import MIXING_STRATEGIES
 
@@ -47,6 +47,13 @@ class ModelArguments:
     pooling: str = field(default="mean", metadata={"help": "Sentence pooling of a new model: 'mean' or 'cls'."})
     classifier_dropout: float = field(default=0.1, metadata={"help": "Dropout before the task heads (new model)."})
     allow_pickle: bool = field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
+
+    def __post_init__(self):
+        # (the model's config checks these too, but only once it is built, and without the flags' names)
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"--pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}.")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"--classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
 
     def parsed_tasks(self) -> dict[str, list[str]] | None:
         """The `--tasks` mapping, read from JSON text or a JSON/YAML file, validated."""
@@ -469,6 +476,9 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"--num_train_epochs must be a positive number (or set --max_steps), got {self.num_train_epochs}."
             )
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, flag) < 1:  # (torch's DataLoader would say so only once training starts, unnamed)
+                raise ValueError(f"--{flag} must be at least 1 example, got {getattr(self, flag)}.")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(
                 f"--gradient_accumulation_steps must be at least 1 batch, got {self.gradient_accumulation_steps}."

@@ -156,6 +156,8 @@ def test_every_option_has_help():
         # would train nothing and exit 0, or fail with a traceback at the first step
         ({"num_train_epochs": 0}, r"--num_train_epochs must be a positive number \(or set --max_steps\), got 0"),
         ({"num_train_epochs": -1}, "--num_train_epochs must be a positive number"),
+        ({"per_device_train_batch_size": 0}, "--per_device_train_batch_size must be at least 1 example, got 0"),
+        ({"per_device_eval_batch_size": -8}, "--per_device_eval_batch_size must be at least 1 example, got -8"),
         ({"gradient_accumulation_steps": 0}, "--gradient_accumulation_steps must be at least 1 batch, got 0"),
         ({"label_smoothing_factor": 1.5}, r"--label_smoothing_factor must be in \[0, 1\), got 1.5"),
         ({"label_smoothing_factor": -0.1}, "--label_smoothing_factor must be in"),
@@ -165,6 +167,19 @@ def test_every_option_has_help():
 def test_invalid_training_arguments(overrides, message):
     with pytest.raises(ValueError, match=message):
         MultiTaskTrainingArguments(output_dir="unused", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pooling", "max"], r"--pooling must be one of \['mean', 'cls'\], got 'max'"),
+        (["--classifier_dropout", "1.5"], r"--classifier_dropout must be in \[0, 1\), got 1.5"),
+        (["--classifier_dropout", "nan"], r"--classifier_dropout must be in \[0, 1\), got nan"),
+    ],
+)
+def test_invalid_model_arguments(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_arguments(parser(), flags)
 
 
 @pytest.mark.parametrize(
