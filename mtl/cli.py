@@ -42,7 +42,7 @@ class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` whose errors are one line: argparse prints the whole usage first (130 lines for
     run_train.py), which buries the message."""
 
-    def __init__(self, dataclass_types, **kwargs):
+    def __init__(self, dataclass_types=None, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(dataclass_types, **kwargs)
 
