@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtl.args import DEFAULT_OUTPUT_DIR, InferenceArguments
+from mtl.args import DEFAULT_OUTPUT_DIR, InferenceArguments, check_max_length
 from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.data import label_matrix, load_files
 from mtl.metrics import flat_metrics, format_report, task_reports
@@ -43,7 +43,7 @@ class EvalArguments(InferenceArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_max_length(self.max_seq_length, "--max_seq_length")
+        check_max_length(self.max_seq_length, "--max_seq_length")
         self.predictions_file = self.predictions_file or None  # "" (a config file's way to say none)
         check_predictions_file(self.predictions_file, "--predictions_file")
         # Both before the model is read: a Hub id is fetched first (with network retries), so a mistyped path or a

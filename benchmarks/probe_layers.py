@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mtl import MultiTaskConfig, MultiTaskModel, load_files
-from mtl.args import DEFAULT_DATA_FILES, InferenceArguments
+from mtl.args import DEFAULT_DATA_FILES, InferenceArguments, check_max_length
 from mtl.cli import ArgumentParser, parse_arguments, run, setup_logging
 from mtl.data import label_matrix
 from mtl.metrics import ClassificationMetrics
@@ -64,7 +64,7 @@ class ProbeArguments(InferenceArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_max_length(self.max_seq_length, "--max_seq_length")
+        check_max_length(self.max_seq_length, "--max_seq_length")
         missing = [path for path in (self.train_file, *self.test_files) if not Path(path).is_file()]
         if missing:
             raise FileNotFoundError(f"No such file(s): {missing}; pass labelled CSV/TSV/JSON/JSON Lines files.")

@@ -14,7 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments, integrations
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SchedulerType
 
-from .configuration import DEFAULT_TASKS, POOLING_MODES, validate_tasks
+from .configuration import DEFAULT_TASKS, check_head_options, validate_tasks
 from .freezing import parse_freeze
 from .sampling import MIXING_STRATEGIES
 
@@ -49,11 +49,8 @@ class ModelArguments:
     allow_pickle: bool = field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
 
     def __post_init__(self):
-        # (the model's config checks these too, but only once it is built, and without the flags' names)
-        if self.pooling not in POOLING_MODES:
-            raise ValueError(f"--pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}.")
-        if not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"--classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
+        # The config's own check, now and with the flags' names rather than once the model is built.
+        check_head_options(self.pooling, self.classifier_dropout, prefix="--")
 
     def parsed_tasks(self) -> dict[str, list[str]] | None:
         """The `--tasks` mapping, read from JSON text or a JSON/YAML file, validated."""
@@ -121,10 +118,11 @@ class InferenceArguments:
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1 text, got {self.batch_size}.")
 
-    @staticmethod
-    def check_max_length(length: int | None, flag: str) -> None:
-        if length is not None and length < 2:  # [CLS] and [SEP] alone: as --max_seq_length in training
-            raise ValueError(f"{flag} must be at least 2 tokens, got {length}.")
+
+def check_max_length(length: int | None, flag: str) -> None:
+    """A token limit leaves room for [CLS] and [SEP] at least (training and inference alike)."""
+    if length is not None and length < 2:
+        raise ValueError(f"{flag} must be at least 2 tokens, got {length}.")
 
 
 # The project's own data (data/); with --dataset_name, a split whose file is left at its default comes from the Hub.
@@ -194,8 +192,7 @@ class DataArguments:
 
     def set_max_seq_length(self, length: int) -> None:
         """Set (or, once the model is known, resolve) --max_seq_length, checking the options that depend on it."""
-        if length < 2:
-            raise ValueError(f"--max_seq_length must be at least 2, got {length}.")
+        check_max_length(length, "--max_seq_length")
         low = self.random_truncation_min_length
         if low is not None and not 2 <= low <= length:
             raise ValueError(

@@ -19,6 +19,14 @@ _TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED_TASK_NAMES = ("none", "all", "encoder", "labels", "loss", "text", "mean")
 
 
+def check_head_options(pooling: object, classifier_dropout: object, prefix: str = "") -> None:
+    """The pooling mode and the dropout before the heads (`prefix="--"` names them as command-line flags)."""
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"{prefix}pooling must be one of {list(POOLING_MODES)}, got {pooling!r}.")
+    if not isinstance(classifier_dropout, (int, float)) or not 0.0 <= classifier_dropout < 1.0:
+        raise ValueError(f"{prefix}classifier_dropout must be in [0, 1), got {classifier_dropout}.")
+
+
 def validate_tasks(tasks: dict[str, list[str]]) -> None:
     """Raise a `ValueError` that says how to fix it if `tasks` is not a usable {task: [label, ...]} mapping."""
     if not isinstance(tasks, dict) or not tasks:
@@ -83,10 +91,7 @@ class MultiTaskConfig(PreTrainedConfig):
             tasks = dict(tasks)
         validate_tasks(tasks)
         self.tasks = {task: list(labels) for task, labels in tasks.items()}
-        if self.pooling not in POOLING_MODES:
-            raise ValueError(f"pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}.")
-        if not isinstance(self.classifier_dropout, (int, float)) or not 0.0 <= self.classifier_dropout < 1.0:
-            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}.")
+        check_head_options(self.pooling, self.classifier_dropout)
         super().__post_init__(**kwargs)
 
     def to_dict(self) -> dict:

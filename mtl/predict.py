@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .args import InferenceArguments
+from .args import InferenceArguments, check_max_length
 from .cli import ArgumentParser, run, setup_logging
 from .data import DataError, check_text, delimited_rows
 from .pipeline import MultiTaskPipeline
@@ -47,7 +47,7 @@ class PredictArguments(InferenceArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_max_length(self.max_length, "--max_length")
+        check_max_length(self.max_length, "--max_length")
         if self.chunk_size < 1:
             raise ValueError(f"--chunk_size must be at least 1 text, got {self.chunk_size}.")
         check_predictions_file(self.output, "--output")
