@@ -95,7 +95,7 @@ class SpeedArguments:
         default_factory=list,
         metadata={
             "help": "More rows for our trainer: each a JSON object of MultiTaskTrainingArguments set on top of its "
-            'defaults, e.g. \'{"accelerator_config": {"non_blocking": true}}\' \'{"dataloader_num_workers": 4}\'; '
+            'defaults, e.g. \'{"accelerator_config": {"non_blocking": false}}\' \'{"dataloader_num_workers": 4}\'; '
             "timed like the other systems, so that one run (one GPU call) compares several settings."
         },
     )

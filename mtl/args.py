@@ -498,12 +498,24 @@ class MultiTaskTrainingArguments(TrainingArguments):
                 )
 
     def _gpu_defaults(self) -> None:
-        """The fast GPU path unless the user chose otherwise: bf16 autocast and data loading workers."""
+        """The fast GPU path unless the user chose otherwise: bf16 autocast, data loading workers, and batches copied
+        to the GPU without waiting."""
         gpu = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None:
             self.bf16 = gpu and torch.cuda.is_bf16_supported() and not self.fp16
         if self.dataloader_num_workers is None:
             self.dataloader_num_workers = GPU_DATALOADER_WORKERS if gpu else 0
+        if gpu and self.dataloader_pin_memory:
+            self._copy_batches_without_waiting()
+
+    def _copy_batches_without_waiting(self) -> None:
+        """accelerate's `non_blocking` copies of the (pinned) batches, unless --accelerator_config says otherwise: a
+        blocking copy makes the CPU wait for the GPU to finish the previous step before it can queue this one."""
+        config = self.accelerator_config
+        if isinstance(config, str) and config.lstrip().startswith("{"):  # JSON from the command line
+            config = json.loads(config)
+        if config is None or isinstance(config, dict):  # (not a config file or an AcceleratorConfig: left as given)
+            self.accelerator_config = {"non_blocking": True, **(config or {})}
 
     def _check_averaging(self) -> None:
         count = self.average_checkpoints

@@ -37,6 +37,8 @@ DEFAULT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # builds an execution plan for every new (batch, length) shape it meets: on an H200 our training steps took 0.2 s
 # against the stock Trainer's 0.06 (benchmarks/RESULTS.md). These kernels need no per-shape plan.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Encoders whose attention mask goes through transformers' masking_utils, which takes a ready-made 4D mask as it is.
+READY_MASK_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"})
 
 
 def default_encoder_path() -> str:
@@ -79,6 +81,23 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, mode: str) -
         return hidden_states[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
     return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def host_reads_wait(device: torch.device) -> bool:
+    """Whether reading a tensor's values on the host waits for the device's queued work (GPUs: yes; the CPU: no)."""
+    return device.type != "cpu"
+
+
+def ready_attention_mask(attention_mask: torch.Tensor, encoder_config: PreTrainedConfig) -> torch.Tensor:
+    """The encoder's attention mask made here as transformers makes it for SDPA: (batch, 1, length, length), boolean.
+    Given the (batch, length) mask, transformers first reads it on the host to learn whether any token is padding (to
+    drop the mask if none is), and on a GPU that read makes the CPU wait for all the work queued so far (the previous
+    training step) before it can queue this forward pass. Other encoders and attention implementations get the mask
+    back as it is."""
+    if encoder_config.model_type not in READY_MASK_MODEL_TYPES or encoder_config._attn_implementation != "sdpa":
+        return attention_mask
+    batch_size, length = attention_mask.shape
+    return attention_mask.bool()[:, None, None, :].expand(batch_size, 1, length, length)
 
 
 def task_cross_entropy(
@@ -272,9 +291,13 @@ class MultiTaskModel(MultiTaskPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is not None:
             encoder_kwargs["token_type_ids"] = token_type_ids
+        # On the CPU nothing waits, and transformers may drop the mask of a batch without padding.
+        encoder_mask = attention_mask
+        if host_reads_wait(attention_mask.device):
+            encoder_mask = ready_attention_mask(attention_mask, self.encoder.config)
         with sdpa_kernel(ATTENTION_BACKENDS):
             encoded = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **encoder_kwargs
+                input_ids=input_ids, attention_mask=encoder_mask, return_dict=True, **encoder_kwargs
             )
         return pool(encoded.last_hidden_state, attention_mask, self.config.pooling), encoded
 

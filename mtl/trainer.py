@@ -28,7 +28,7 @@ from .checkpointing import (
     remove_earlier_run,
     resolve_checkpoint,
 )
-from .data import MultiTaskDataCollator, label_matrix
+from .data import MultiTaskDataCollator, label_matrix, token_lengths
 from .freezing import (
     UnfreezeEncoderCallback,
     apply_freeze,
@@ -161,6 +161,7 @@ class MultiTaskTrainer(Trainer):
         self.averaged_checkpoints: list[str] = []  # the checkpoints whose mean the final weights are, if any
         self._steps_per_epoch: int | None = None  # optimizer steps per epoch, as the training loop counted them
         self._epoch_seeded_sampler: Sampler | None = None  # ours, seeded by (seed, epoch), when training uses one
+        self._nan_filter_lent = False  # whether training_step has the loop's NaN/inf check off (see there)
 
     def _resolve_class_weights(self) -> list[torch.Tensor] | None:
         if getattr(self.args, "class_weights", "none") != "balanced" or self.train_dataset is None:
@@ -248,7 +249,7 @@ class MultiTaskTrainer(Trainer):
         """Token counts of the rows; for cached embeddings, those the rows had before caching, so that batches match
         an uncached run's."""
         if "input_ids" in dataset.column_names:
-            return [len(ids) for ids in dataset["input_ids"]]
+            return token_lengths(dataset)
         return self._token_lengths
 
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs) -> DataLoader:
@@ -318,6 +319,7 @@ class MultiTaskTrainer(Trainer):
                 f"--model_name_or_path {resume}."
             ) from None
         finally:  # on_train_end is not called when training raises: leave no handler or hook behind
+            self._restore_nan_filter()
             self.remove_callback(stopper)
             stopper.restore()
             for callback in self.callback_handler.callbacks:
@@ -528,6 +530,30 @@ class MultiTaskTrainer(Trainer):
         for index, task in enumerate(self.task_names):  # the optimizer steps that train each task, for its log
             self._task_loss_counts[task] += (sums[index] > 0).float()
         return sums
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not (self.args.logging_nan_inf_filter and hasattr(self, "_tr_loss")):
+            return loss
+        # Right after this the training loop checks the loss for NaN/inf on the host, which on a GPU makes the CPU wait
+        # for the step to finish before it can queue the next one. The same filter runs here on the device (a
+        # non-finite loss counts as the mean of the window's losses so far, as in the loop), and the loop's check is
+        # off until it calls `floating_point_ops`, its next step.
+        window = 1 + self.state.global_step - self._globalstep_last_logged
+        self.args.logging_nan_inf_filter = False
+        self._nan_filter_lent = True
+        return torch.where(torch.isfinite(loss), loss, self._tr_loss / window)
+
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
+        self._restore_nan_filter()
+        return super().floating_point_ops(inputs)
+
+    def _restore_nan_filter(self) -> None:
+        if self._nan_filter_lent:
+            self.args.logging_nan_inf_filter = True
+            self._nan_filter_lent = False
 
     def compute_loss(
         self, model, inputs, return_outputs=False, num_items_in_batch=None

@@ -110,6 +110,36 @@ def stop_with_stacks(process: subprocess.Popen) -> str:
     return process.communicate()[1]
 
 
+# The ways Python code reads a tensor's values on the host; on a GPU each one waits for all the work queued so far.
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count the host reads of tensor values (a Counter of 'method at file:line', its caller's) made inside."""
+    import collections
+    import traceback
+
+    reads = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name):
+        def read(tensor, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            reads[f"{name} at {Path(caller.filename).name}:{caller.lineno}"] += 1
+            return originals[name](tensor, *args, **kwargs)
+
+        return read
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counting(name))
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

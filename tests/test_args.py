@@ -194,11 +194,38 @@ def test_gpu_defaults(monkeypatch, use_cpu, fp16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     args = MultiTaskTrainingArguments.__new__(MultiTaskTrainingArguments)
     args.use_cpu, args.fp16, args.bf16, args.dataloader_num_workers = use_cpu, fp16, None, None
+    args.dataloader_pin_memory, args.accelerator_config = True, None
     args._gpu_defaults()
     assert (args.bf16, args.dataloader_num_workers) == expected
+    # Batches are copied to the GPU without blocking (pinned memory makes that safe); nothing changes on the CPU.
+    assert args.accelerator_config == (None if use_cpu else {"non_blocking": True})
     args.bf16, args.dataloader_num_workers = False, 5  # what the user chose stays
     args._gpu_defaults()
     assert (args.bf16, args.dataloader_num_workers) == (False, 5)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, {"non_blocking": True}),
+        ({"split_batches": True}, {"non_blocking": True, "split_batches": True}),
+        ('{"non_blocking": false}', {"non_blocking": False}),
+        ({"non_blocking": False}, {"non_blocking": False}),
+        ("accelerator.json", "accelerator.json"),
+    ],
+    ids=["default", "other-keys", "json-off", "dict-off", "file"],
+)
+def test_gpu_batches_are_copied_without_blocking_unless_the_user_says(monkeypatch, given, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    args = MultiTaskTrainingArguments.__new__(MultiTaskTrainingArguments)
+    args.use_cpu, args.fp16, args.bf16, args.dataloader_num_workers = False, False, None, None
+    args.dataloader_pin_memory, args.accelerator_config = True, given
+    args._gpu_defaults()
+    assert args.accelerator_config == expected
+    args.dataloader_pin_memory, args.accelerator_config = False, None  # from pageable memory the copy blocks anyway
+    args._gpu_defaults()
+    assert args.accelerator_config is None
 
 
 def test_a_null_output_dir_is_the_default_one(tmp_path):

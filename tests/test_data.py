@@ -4,6 +4,8 @@ import logging
 
 import datasets
 import pytest
+import torch
+from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from mtl import DEFAULT_TASKS, DataError, load_files, tokenize
 from mtl.data import (
@@ -15,6 +17,7 @@ from mtl.data import (
     label_matrix,
     load_hub,
     require_labels,
+    token_lengths,
     warn_missing_classes,
 )
 
@@ -251,6 +254,14 @@ def test_tokenize_truncates_and_does_not_pad(tmp_path, tiny_tokenizer):
     assert set(dataset.column_names) >= {"input_ids", "attention_mask", "labels"}
 
 
+def test_token_lengths_follow_the_rows_of_a_shuffled_selection(tiny_tokenizer):
+    texts = [" ".join(["phone"] * n) for n in range(1, 30)]
+    dataset = tokenize(datasets.Dataset.from_dict({"text": texts}), tiny_tokenizer, max_seq_length=16)
+    view = dataset.shuffle(seed=0).select(range(5, 20))  # an indices mapping over the Arrow table
+    assert token_lengths(view) == [len(ids) for ids in view["input_ids"]]
+    assert token_lengths(dataset) == [min(n + 2, 16) for n in range(1, 30)]
+
+
 def test_long_training_texts_give_one_row_per_window_with_their_labels(tmp_path, tiny_tokenizer):
     words = ["phone", "app", "chip", "laptop", "vote", "law", "match", "team", "goal", "coach"]
     rows = [
@@ -313,6 +324,35 @@ def test_random_truncation_pads_the_cut_batch(tmp_path, tiny_tokenizer):
     batch = collator(rows)
     assert batch["input_ids"].shape == (2, 6)
     assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 4 + [0] * 2]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("multiple", [None, 8])
+@pytest.mark.parametrize("columns", ["ids-mask-labels", "with-token-types", "one-label", "no-labels"])
+def test_the_collator_pads_as_the_tokenizer_pads(tiny_encoder_dir, side, multiple, columns):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir, padding_side=side, pad_token_type_id=1)
+    texts = ["the phone", "the new laptop is great and the app is amazing", "vote"]
+    rows = [dict(tokenizer(text)) for text in texts]
+    for index, row in enumerate(rows):
+        if columns != "with-token-types":
+            del row["token_type_ids"]
+        if columns != "no-labels":
+            row["labels"] = index if columns == "one-label" else [index, IGNORE_INDEX]
+    expected = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(rows)
+    collator = MultiTaskDataCollator(tokenizer, pad_to_multiple_of=multiple)
+    collator.padder = None  # the numpy path only
+    batch = collator(rows)
+    assert batch.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert batch[name].dtype == tensor.dtype and torch.equal(batch[name], tensor), name
+    assert batch["input_ids"].shape == (3, 16 if multiple else 12)
+
+
+def test_the_collator_leaves_other_columns_to_the_tokenizer(tiny_tokenizer):
+    rows = [dict(tiny_tokenizer(text, return_special_tokens_mask=True)) for text in ["the phone", "vote for the law"]]
+    batch = MultiTaskDataCollator(tiny_tokenizer)(rows)
+    assert batch["special_tokens_mask"].tolist() == [[1, 0, 0, 1, 1, 1], [1, 0, 0, 0, 0, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
 
 
 @pytest.mark.parametrize(("low", "high"), [(1, 16), (17, 16)])

@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
+import mtl.modeling
 from mtl import MultiTaskConfig, MultiTaskModel
-from mtl.modeling import IGNORE_INDEX, load_multitask_model, multitask_loss, task_cross_entropy
+from mtl.modeling import (
+    IGNORE_INDEX,
+    READY_MASK_MODEL_TYPES,
+    load_multitask_model,
+    multitask_loss,
+    ready_attention_mask,
+    task_cross_entropy,
+)
+from tests.conftest import count_host_reads
 
 
 def batch(tokenizer, texts=("the phone is great", "the match was awful today", "vote")):
@@ -235,3 +244,48 @@ def test_from_encoder_applies_the_attention_implementation(tiny_encoder_dir, tin
 def test_a_local_encoder_path_is_not_written_into_the_config(tmp_path, tiny_model, tiny_encoder_dir):
     tiny_model.save_pretrained(tmp_path)
     assert str(tiny_encoder_dir) not in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize("model_type", sorted(READY_MASK_MODEL_TYPES))
+def test_a_ready_mask_gives_the_same_encoding_without_reading_the_mask(model_type):
+    """transformers reads a (batch, length) mask on the host to look for padding (a wait on a GPU); the ready 4D mask
+    it takes as it is, with the same result."""
+    config = AutoConfig.for_model(
+        model_type, vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    encoder = AutoModel.from_config(config).eval()
+    input_ids = torch.randint(3, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = mask[2, 2:] = 0
+    ready = ready_attention_mask(mask, encoder.config)
+    assert ready.shape == (3, 1, 9, 9) and ready.dtype == torch.bool
+    with torch.no_grad(), count_host_reads() as plain_reads:
+        expected = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad(), count_host_reads() as ready_reads:
+        encoded = encoder(input_ids=input_ids, attention_mask=ready).last_hidden_state
+    assert plain_reads and not ready_reads
+    torch.testing.assert_close(encoded, expected, rtol=0, atol=0)
+
+
+def test_other_attention_implementations_keep_their_mask(tiny_encoder_dir):
+    mask = torch.ones(2, 5, dtype=torch.long)
+    eager = MultiTaskModel.from_encoder(tiny_encoder_dir, attn_implementation="eager")
+    assert ready_attention_mask(mask, eager.encoder.config) is mask
+    other = AutoConfig.for_model("mpnet", vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    assert ready_attention_mask(mask, other) is mask
+
+
+def test_on_a_gpu_the_model_hands_the_encoder_a_ready_mask(tiny_model, tiny_tokenizer, monkeypatch):
+    inputs = batch(tiny_tokenizer)
+    with torch.no_grad():
+        expected = tiny_model.eval()(**inputs).logits
+    monkeypatch.setattr(mtl.modeling, "host_reads_wait", lambda device: True)  # the GPU path, run on the CPU
+    seen = []
+    tiny_model.encoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    with torch.no_grad(), count_host_reads() as reads:
+        logits = tiny_model(**inputs).logits
+    assert not reads and seen[0]["attention_mask"].shape == (3, 1, 7, 7)
+    for got, want in zip(logits, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
 
-from mtl import MultiTaskTrainer, MultiTaskTrainingArguments
+import mtl.modeling
+from mtl import MultiTaskModel, MultiTaskTrainer, MultiTaskTrainingArguments
 from mtl.data import RandomTruncation
 from mtl.modeling import IGNORE_INDEX
-from tests.conftest import make_rows
+from tests.conftest import count_host_reads, make_rows
 
 
 def step_logs(trainer) -> list[dict]:
@@ -493,3 +495,72 @@ def test_metric_for_best_model_may_name_one_of_several_evaluation_sets(tiny_mode
         check_metric_for_best_model(args, ["category", "sentiment"])
     with pytest.raises(ValueError, match="'f1' is not a metric"):  # save_strategy='best' reads it too
         make_trainer(tiny_model, save_strategy="best", metric_for_best_model="f1")
+
+
+class HostReadsBetweenSteps(TrainerCallback):
+    """Counts the host reads of tensor values from the end of step `first` to the end of step `last`."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.reads, self._counting = first, last, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            self._counting = count_host_reads()
+            self.reads = self._counting.__enter__()
+        elif state.global_step == self.last:
+            self._counting.__exit__(None, None, None)
+
+
+def test_training_steps_read_no_tensor_on_the_host(tiny_model, make_trainer, monkeypatch):
+    """On a GPU each read of a tensor's value makes the CPU wait for the queued work, so it cannot queue the next step
+    meanwhile: between logs and evaluations the training loop reads none (nor do the loss and the model's forward)."""
+    monkeypatch.setattr(mtl.modeling, "host_reads_wait", lambda device: True)  # the model's GPU path, on the CPU
+    trainer = make_trainer(tiny_model, rows=make_rows(40), per_device_train_batch_size=4, logging_strategy="no")
+    counter = HostReadsBetweenSteps(2, 8)
+    trainer.add_callback(counter)
+    trainer.train()
+    assert counter.reads == {}
+    # The stock loop and transformers' mask handling do read: the count sees them.
+    monkeypatch.setattr(mtl.modeling, "host_reads_wait", lambda device: False)
+    monkeypatch.setattr(MultiTaskTrainer, "training_step", Trainer.training_step)
+    counter = HostReadsBetweenSteps(2, 8)
+    trainer.add_callback(counter)
+    trainer.train()
+    sites = " ".join(counter.reads)
+    assert "masking_utils.py" in sites and "trainer.py" in sites
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_a_non_finite_step_loss_is_logged_as_the_trainers_own_filter_logs_it(tiny_encoder_dir, make_trainer,
+                                                                             monkeypatch, nan_filter):  # fmt: skip
+    """MultiTaskTrainer filters non-finite step losses on the device (see training_step); the logs are the
+    Trainer's, and --logging_nan_inf_filter reads as the user set it throughout."""
+    compute_loss = MultiTaskTrainer.compute_loss
+    calls = []
+
+    def nan_at_some_steps(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        calls.append(self.args.logging_nan_inf_filter)
+        if len(calls) in (2, 7):  # the value NaN, the gradient intact
+            loss = loss + (torch.tensor(math.nan) - loss.detach())
+        return loss
+
+    monkeypatch.setattr(MultiTaskTrainer, "compute_loss", nan_at_some_steps)
+    logs = []
+    for step in (MultiTaskTrainer.training_step, Trainer.training_step):  # ours, then the stock loop's check alone
+        monkeypatch.setattr(MultiTaskTrainer, "training_step", step)
+        calls.clear()
+        torch.manual_seed(0)
+        trainer = make_trainer(
+            MultiTaskModel.from_encoder(tiny_encoder_dir), rows=make_rows(48), per_device_train_batch_size=4,
+            logging_steps=3, logging_nan_inf_filter=nan_filter, train_sampling_strategy="random",
+        )  # fmt: skip
+        trainer.train()
+        assert calls == [nan_filter] * 12 and trainer.args.logging_nan_inf_filter is nan_filter
+        logs.append([entry["loss"] for entry in step_logs(trainer)])
+    assert len(logs[0]) == 4
+    if nan_filter:
+        assert all(math.isfinite(loss) for loss in logs[0])
+        assert logs[0] == pytest.approx(logs[1], abs=1e-4)
+    else:  # unfiltered, a NaN stays in the loop's running loss (NaN - NaN after a log): the stock loop's logs too
+        assert all(math.isnan(loss) for loss in logs[0] + logs[1])
