@@ -22,6 +22,7 @@ import datetime
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -37,6 +38,8 @@ from unittest import mock
 import numpy as np
 import psutil
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -99,10 +102,19 @@ class SpeedArguments:
             "timed like the other systems, so that one run (one GPU call) compares several settings."
         },
     )
+    profile_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write a torch.profiler summary of our trainer (defaults) and of the stock Trainer with dynamic "
+            "padding to this folder: the last --profile_steps steps of the untimed first epoch, their operators by "
+            "self time, the wall time per step and how busy the GPU was."
+        },
+    )
+    profile_steps: int = field(default=10, metadata={"help": "Steps profiled with --profile_dir."})
     results_file: str | None = field(default=None, metadata={"help": "Append the tables to this Markdown file."})
 
     def __post_init__(self):
-        for name in ("batch_size", "train_steps", "frozen_epochs"):
+        for name in ("batch_size", "train_steps", "frozen_epochs", "profile_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         self.variants = [parse_variant(text, self) for text in self.mtl_variants]
@@ -195,6 +207,55 @@ class StepTimer(TrainerCallback):
         return rows / (self.times[-1] - self.times[steps - 1])
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over the last `steps` steps of the first of two epochs (untimed: its cost stays out of the
+    timed epoch), written to `path`: wall time per step, the GPU's busy share and the operators by self time."""
+
+    def __init__(self, path: Path, steps: int):
+        self.path, self.steps, self.profiler, self.start = path, steps, None, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == max(0, state.max_steps // 2 - self.steps):
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is None or state.global_step != state.max_steps // 2:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
+        self.profiler.stop()
+        steps = min(self.steps, state.max_steps // 2)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(profile_summary(self.profiler, wall, steps), encoding="utf-8")
+        self.profiler = None
+
+
+def profile_summary(profiler: torch.profiler.profile, wall: float, steps: int) -> str:
+    kernels = [e.time_range for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    busy = f"{covered_time(kernels) / 1e6 / wall:.0%} of the wall time" if kernels else "no GPU"
+    events = profiler.key_averages()
+    sorts = (["self_device_time_total"] if kernels else []) + ["self_cpu_time_total"]  # the GPU's work, the host's
+    tables = "\n".join(f"By {sort}:\n{events.table(sort_by=sort, row_limit=40)}\n" for sort in sorts)
+    return f"{steps} steps, {wall / steps * 1000:.2f} ms a step (profiled); GPU busy: {busy}\n\n{tables}"
+
+
+def covered_time(spans) -> float:
+    """The length of the union of intervals (objects with .start and .end): overlapping kernels count once."""
+    covered, end = 0.0, -math.inf
+    for span in sorted(spans, key=lambda span: span.start):
+        covered += max(0.0, span.end - max(span.start, end))
+        end = max(end, span.end)
+    return covered
+
+
+def profile_path(args: "SpeedArguments", name: str) -> Path | None:
+    return Path(args.profile_dir) / f"{name}.txt" if args.profile_dir else None
+
+
 def encoder_path(args: SpeedArguments) -> str:
     return resolve_encoder_name(args.model_name_or_path)
 
@@ -224,7 +285,9 @@ def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **over
     return cls(**settings)
 
 
-def time_trainer(trainer: Trainer) -> tuple[float, float]:
+def time_trainer(trainer: Trainer, profile: Path | None = None, profile_steps: int = 10) -> tuple[float, float]:
+    if profile is not None:  # (first: its end of profiling falls before the timer's first tick)
+        trainer.add_callback(StepProfiler(profile, profile_steps))
     timer = StepTimer()
     trainer.add_callback(timer)
     with PeakMemory() as memory:
@@ -244,7 +307,7 @@ def multitask_training(args, data, tokenizer, work, variant: dict | None = None)
     trainer = MultiTaskTrainer(
         model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
     )
-    return time_trainer(trainer)
+    return time_trainer(trainer, None if variant else profile_path(args, "mtl"), args.profile_steps)
 
 
 def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple[float, float]:
@@ -258,7 +321,7 @@ def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple
         # As run_classification.py pads in mixed precision, and as mtl's collator does: multiples of 8 tokens.
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.bf16 else None),
     )
-    return time_trainer(trainer)
+    return time_trainer(trainer, None if pad_to_max else profile_path(args, "trainer-dynamic"), args.profile_steps)
 
 
 def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:

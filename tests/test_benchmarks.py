@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts on a tiny slice with the tiny model."""
 
+import collections
 import hashlib
 import json
 import os
@@ -279,6 +280,14 @@ def test_speed_is_timed_on_the_whole_second_epoch():
         timer.second_epoch_throughput(rows=30)
 
 
+def test_the_gpus_busy_time_counts_overlapping_kernels_once():
+    import speed
+
+    span = collections.namedtuple("span", "start end")
+    assert speed.covered_time([span(0, 10), span(5, 12), span(20, 25), span(21, 22)]) == 17
+    assert speed.covered_time([]) == 0
+
+
 def test_speed_table_marks_a_missing_value():
     import speed
 
@@ -310,9 +319,18 @@ def test_speed_benchmark(tmp_path, data_dir, tiny_encoder_dir):
             "2",
             "--results_file",
             str(results),
+            "--profile_dir",
+            str(tmp_path / "profile"),
+            "--profile_steps",
+            "2",
         ]
     )
     assert len(report["training"]) == 4 and all(row["samples/s"] > 0 for row in report["training"])
+    # our trainer and the dynamically padded Trainer, profiled on the first epoch's last 2 steps
+    for name in ("mtl", "trainer-dynamic"):
+        summary = (tmp_path / "profile" / f"{name}.txt").read_text()
+        assert summary.startswith("2 steps, ") and "GPU busy: no GPU" in summary and "aten::" in summary
+    assert sorted(path.name for path in (tmp_path / "profile").iterdir()) == ["mtl.txt", "trainer-dynamic.txt"]
     ours = report["training"][0]["samples/s"]  # the speed-ups are ours over theirs: above 1 when mtl is faster
     assert [row["mtl speed-up"] for row in report["training"]] == [ours / r["samples/s"] for r in report["training"]]
     assert report["training"][0]["mtl speed-up"] == 1.0
@@ -354,7 +372,7 @@ def test_speed_benchmark_times_our_trainer_once_per_variant(tmp_path, data_dir, 
 
     trained = []  # each Trainer system's arguments, in order; not timed, to keep the test short
 
-    def record(trainer):
+    def record(trainer, *profiling):
         trained.append(trainer.args)
         return 100.0 / len(trained), 0.0
 
