@@ -252,8 +252,9 @@ def covered_time(spans) -> float:
     return covered
 
 
-def profile_path(args: "SpeedArguments", name: str) -> Path | None:
-    return Path(args.profile_dir) / f"{name}.txt" if args.profile_dir else None
+def step_profiler(args: "SpeedArguments", name: str) -> StepProfiler | None:
+    """With --profile_dir, the profiler of one system, writing `<profile_dir>/<name>.txt`."""
+    return StepProfiler(Path(args.profile_dir) / f"{name}.txt", args.profile_steps) if args.profile_dir else None
 
 
 def encoder_path(args: SpeedArguments) -> str:
@@ -285,9 +286,9 @@ def hf_args(args: SpeedArguments, output_dir: str, cls=TrainingArguments, **over
     return cls(**settings)
 
 
-def time_trainer(trainer: Trainer, profile: Path | None = None, profile_steps: int = 10) -> tuple[float, float]:
-    if profile is not None:  # (first: its end of profiling falls before the timer's first tick)
-        trainer.add_callback(StepProfiler(profile, profile_steps))
+def time_trainer(trainer: Trainer, profiler: StepProfiler | None = None) -> tuple[float, float]:
+    if profiler is not None:  # (first: its end of profiling falls before the timer's first tick)
+        trainer.add_callback(profiler)
     timer = StepTimer()
     trainer.add_callback(timer)
     with PeakMemory() as memory:
@@ -307,7 +308,7 @@ def multitask_training(args, data, tokenizer, work, variant: dict | None = None)
     trainer = MultiTaskTrainer(
         model=model, args=training_args, train_dataset=data["multitask"], processing_class=tokenizer
     )
-    return time_trainer(trainer, None if variant else profile_path(args, "mtl"), args.profile_steps)
+    return time_trainer(trainer, None if variant else step_profiler(args, "mtl"))
 
 
 def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple[float, float]:
@@ -321,7 +322,7 @@ def single_task_training(args, data, tokenizer, work, pad_to_max: bool) -> tuple
         # As run_classification.py pads in mixed precision, and as mtl's collator does: multiples of 8 tokens.
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.bf16 else None),
     )
-    return time_trainer(trainer, None if pad_to_max else profile_path(args, "trainer-dynamic"), args.profile_steps)
+    return time_trainer(trainer, None if pad_to_max else step_profiler(args, "trainer-dynamic"))
 
 
 def plain_loop_training(args, data, tokenizer, work) -> tuple[float, float]:

@@ -424,8 +424,8 @@ class MultiTaskDataCollator:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
         self.padder = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-        self.pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0}
-        self.pad_values["token_type_ids"] = tokenizer.pad_token_type_id
+        pad_ids = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
+        self.pad_values = {**pad_ids, "attention_mask": 0}
         self.left = tokenizer.padding_side == "left"
         self.multiple = pad_to_multiple_of
 
@@ -441,10 +441,7 @@ class MultiTaskDataCollator:
             fast = columns <= self.FAST_COLUMNS and {"input_ids", "attention_mask"} <= columns
             return self._pad(features) if fast and self.pad_values["input_ids"] is not None else self.padder(features)
         embeddings = np.asarray([f[EMBEDDINGS_COLUMN] for f in features], dtype=np.float32)
-        batch = {EMBEDDINGS_COLUMN: torch.from_numpy(embeddings)}
-        if "labels" in features[0]:
-            batch["labels"] = torch.from_numpy(np.asarray([f["labels"] for f in features], dtype=np.int64))
-        return batch
+        return {EMBEDDINGS_COLUMN: torch.from_numpy(embeddings), **self._labels(features)}
 
     def _pad(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
@@ -459,9 +456,13 @@ class MultiTaskDataCollator:
             for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
                 padded[row, slice(width - length, None) if self.left else slice(length)] = feature[name]
             batch[name] = torch.from_numpy(padded)
-        if "labels" in features[0]:
-            batch["labels"] = torch.from_numpy(np.asarray([f["labels"] for f in features], dtype=np.int64))
-        return batch
+        return {**batch, **self._labels(features)}
+
+    @staticmethod
+    def _labels(features: list[dict]) -> dict[str, torch.Tensor]:
+        if "labels" not in features[0]:
+            return {}
+        return {"labels": torch.from_numpy(np.asarray([f["labels"] for f in features], dtype=np.int64))}
 
 
 class RandomTruncation:

@@ -182,19 +182,27 @@ def test_invalid_model_arguments(flags, message):
         parse_arguments(parser(), flags)
 
 
+def bare_args_on_a_bf16_gpu(monkeypatch, **fields) -> MultiTaskTrainingArguments:
+    """Arguments with the GPU defaults unset, as if on a bf16 GPU. A bare instance: TrainingArguments.__post_init__
+    itself would look for the GPU that this machine does not have."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    args = MultiTaskTrainingArguments.__new__(MultiTaskTrainingArguments)
+    settings = {"use_cpu": False, "fp16": False, "bf16": None, "dataloader_num_workers": None}
+    settings |= {"dataloader_pin_memory": True, "accelerator_config": None, **fields}
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return args
+
+
 @pytest.mark.parametrize(
     ("use_cpu", "fp16", "expected"),
     [(False, False, (True, 2)), (False, True, (False, 2)), (True, False, (False, 0))],
     ids=["gpu", "gpu-fp16", "use-cpu"],
 )
 def test_gpu_defaults(monkeypatch, use_cpu, fp16, expected):
-    # bf16 autocast and 2 loader workers on a bf16 GPU, unless --use_cpu; never bf16 on top of --fp16. Set on a bare
-    # instance: TrainingArguments.__post_init__ itself would look for the GPU that this machine does not have.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    args = MultiTaskTrainingArguments.__new__(MultiTaskTrainingArguments)
-    args.use_cpu, args.fp16, args.bf16, args.dataloader_num_workers = use_cpu, fp16, None, None
-    args.dataloader_pin_memory, args.accelerator_config = True, None
+    # bf16 autocast and 2 loader workers on a bf16 GPU, unless --use_cpu; never bf16 on top of --fp16.
+    args = bare_args_on_a_bf16_gpu(monkeypatch, use_cpu=use_cpu, fp16=fp16)
     args._gpu_defaults()
     assert (args.bf16, args.dataloader_num_workers) == expected
     # Batches are copied to the GPU without blocking (pinned memory makes that safe); nothing changes on the CPU.
@@ -216,11 +224,7 @@ def test_gpu_defaults(monkeypatch, use_cpu, fp16, expected):
     ids=["default", "other-keys", "json-off", "dict-off", "file"],
 )
 def test_gpu_batches_are_copied_without_blocking_unless_the_user_says(monkeypatch, given, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    args = MultiTaskTrainingArguments.__new__(MultiTaskTrainingArguments)
-    args.use_cpu, args.fp16, args.bf16, args.dataloader_num_workers = False, False, None, None
-    args.dataloader_pin_memory, args.accelerator_config = True, given
+    args = bare_args_on_a_bf16_gpu(monkeypatch, accelerator_config=given)
     args._gpu_defaults()
     assert args.accelerator_config == expected
     args.dataloader_pin_memory, args.accelerator_config = False, None  # from pageable memory the copy blocks anyway
