@@ -15,7 +15,7 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from .data import EMBEDDINGS_COLUMN, TOKEN_COLUMNS
+from .data import EMBEDDINGS_COLUMN, TOKEN_COLUMNS, pad_rows, token_lengths
 from .modeling import MultiTaskModel
 
 logger = logging.getLogger(__name__)
@@ -49,16 +49,14 @@ def compute_embeddings(
     model.eval()
     device = next(model.parameters()).device
     ids = dataset["input_ids"][:]
-    order = np.argsort([len(row) for row in ids], kind="stable")
+    lengths = np.asarray(token_lengths(dataset), dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
     embeddings = np.empty((len(ids), model.config.hidden_size), dtype=np.float32)
     for start in tqdm(range(0, len(ids), batch_size), desc="Embedding (frozen encoder)", unit="batch"):
         rows = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in rows)
-        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
-            attention_mask[j, : len(ids[i])] = 1
+        width = int(lengths[rows].max())
+        input_ids = torch.from_numpy(pad_rows([ids[i] for i in rows], width, pad_value=0))
+        attention_mask = torch.from_numpy(np.arange(width) < lengths[rows, None]).long()
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             pooled, _ = model.embed(input_ids.to(device), attention_mask.to(device))
         embeddings[rows] = pooled.float().cpu().numpy()

@@ -313,6 +313,15 @@ def token_lengths(dataset: datasets.Dataset, column: str = "input_ids") -> list[
     return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
 
 
+def pad_rows(rows: list, width: int, pad_value: int, left: bool = False) -> np.ndarray:
+    """Rows of ids (none longer than `width`) as one (len(rows), width) int64 array, padded with `pad_value` on the
+    right, or on the left."""
+    padded = np.full((len(rows), width), pad_value, dtype=np.int64)
+    for index, row in enumerate(rows):
+        padded[index, slice(width - len(row), None) if left else slice(len(row))] = row
+    return padded
+
+
 def labelled_counts(dataset: datasets.Dataset, tasks: dict[str, list[str]]) -> dict[str, int]:
     """How many rows carry a label, per task."""
     labels = label_matrix(dataset)
@@ -444,18 +453,14 @@ class MultiTaskDataCollator:
         return {EMBEDDINGS_COLUMN: torch.from_numpy(embeddings), **self._labels(features)}
 
     def _pad(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
+        width = max(len(f["input_ids"]) for f in features)
         if self.multiple:
             width = -(-width // self.multiple) * self.multiple
-        batch = {}
-        for name, pad_value in self.pad_values.items():
-            if name not in features[0]:
-                continue
-            padded = np.full((len(features), width), pad_value, dtype=np.int64)
-            for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-                padded[row, slice(width - length, None) if self.left else slice(length)] = feature[name]
-            batch[name] = torch.from_numpy(padded)
+        batch = {
+            name: torch.from_numpy(pad_rows([f[name] for f in features], width, pad_value, self.left))
+            for name, pad_value in self.pad_values.items()
+            if name in features[0]
+        }
         return {**batch, **self._labels(features)}
 
     @staticmethod
