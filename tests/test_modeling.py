@@ -115,6 +115,28 @@ def test_mean_and_cls_pooling(tiny_encoder_dir, tiny_tokenizer):
     torch.testing.assert_close(cls_model(**inputs, output_pooled=True).pooled_output, hidden[:, 0])
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_dynamic_padding_trains_as_padding_to_max_length_does(tiny_encoder_dir, tiny_tokenizer, pooling):
+    """Padding each batch to its longest row (the default) is a speed option only: the loss and every gradient equal
+    those of the same batch padded to the maximum length, as padded tokens are masked out of attention and pooling."""
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_encoder(tiny_encoder_dir, pooling=pooling).eval()  # no dropout: nothing random
+    labels = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    texts = ["the phone is great", "the match was awful today", "vote"]
+    results = []
+    for padding in ("longest", "max_length"):
+        inputs = tiny_tokenizer(texts, padding=padding, max_length=32, return_tensors="pt")
+        model.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        results.append((inputs["input_ids"].shape[1], loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (short, loss, grads), (long, padded_loss, padded_grads) = results
+    assert short < long == 32
+    torch.testing.assert_close(padded_loss, loss)
+    for grad, padded_grad in zip(grads, padded_grads, strict=True):
+        torch.testing.assert_close(padded_grad, grad, atol=1e-6, rtol=1e-4)
+
+
 def test_save_and_load_round_trip(tmp_path, tiny_encoder_dir, tiny_tokenizer):
     tasks = {"topic": ["World", "Sports", "Business", "Tech"], "tone": ["calm", "angry"]}
     model = MultiTaskModel.from_encoder(tiny_encoder_dir, tasks=tasks, pooling="cls").eval()

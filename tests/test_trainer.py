@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -219,6 +220,24 @@ def test_seed_defaults():
     assert args.weight_decay == 0.0
     assert args.lr_scheduler_type == "step"
     assert args.optim == "adamw_torch_fused"  # with no weight decay: Adam
+
+
+def test_the_default_optimizer_steps_as_the_seeds_adam(tiny_model, make_trainer):
+    """The fused kernel is a speed option only: the default optimizer moves every weight as torch.optim.Adam (the
+    seed's optimizer) does, given the same gradients; to within float rounding, so even a small weight decay shows."""
+    reference = copy.deepcopy(tiny_model)
+    start = {name: param.detach().clone() for name, param in tiny_model.named_parameters()}
+    optimizer = make_trainer(tiny_model, learning_rate=1e-2).create_optimizer()
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    for step in range(3):
+        for model, opt in ((tiny_model, optimizer), (reference, adam)):
+            generator = torch.Generator().manual_seed(step)
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=generator)
+            opt.step()
+    for (name, param), expected in zip(tiny_model.named_parameters(), reference.parameters(), strict=True):
+        assert not torch.equal(param, start[name]), name  # every weight moved...
+        torch.testing.assert_close(param, expected, rtol=1e-5, atol=1e-7, msg=name)  # ...as Adam moved it
 
 
 @pytest.mark.parametrize(
